@@ -1,0 +1,88 @@
+"""The ``step-infra`` command line: one sub-command per system.
+
+Sub-commands import their system lazily inside the command body, so ``step-infra --help``
+stays fast and never imports torch.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from step_infra import __version__
+
+app = typer.Typer(
+    name="step-infra",
+    help="Training infrastructure for large video diffusion transformers "
+    "(Step Emulator, StepRPC, StepTelemetry).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"step-infra {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        callback=_version_callback,
+        is_eager=True,
+    ),
+) -> None:
+    """Training infrastructure for large video diffusion transformers."""
+
+
+@app.command()
+def doctor() -> None:
+    """Report the installed stack and devices; exits 1 if a required component is missing."""
+    from step_infra.doctor import probe_environment
+
+    console = Console()
+    table = Table(title=f"step-infra {__version__}: environment")
+    table.add_column("component")
+    table.add_column("status")
+    table.add_column("detail")
+    missing = []
+    for probe in probe_environment():
+        status = (
+            "[green]ok[/]"
+            if probe.ok
+            else ("[red]missing[/]" if probe.required else "[yellow]absent[/]")
+        )
+        table.add_row(probe.name, status, probe.detail)
+        if probe.required and not probe.ok:
+            missing.append(probe.name)
+    console.print(table)
+    if missing:
+        console.print(
+            f"[red]required components missing: {', '.join(missing)}[/] (run `make venv`)"
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    run_dir: str = typer.Option("runs/demo", help="Where the demo writes its outputs."),
+) -> None:
+    """Run the main job end to end on embedded defaults and print where the outputs went."""
+    from step_infra.demo import run_demo
+
+    run_demo(run_dir, console=Console())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Shared pytest set-up: the `gpu` marker skips, with its reason printed, when no CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items or _cuda_available():
+        return
+    skip = pytest.mark.skip(
+        reason="needs a CUDA device: none on this machine (torch.cuda.is_available() is False)"
+    )
+    for item in gpu_items:
+        item.add_marker(skip)
