@@ -78,7 +78,7 @@ class StragglerDetector:
     """Feed :meth:`observe` one mapping ``member -> value`` per window."""
 
     def __init__(
-        self, config: DetectorConfig | None = None, *, nodes: Mapping[Hashable, str] | None = None
+        self, config: DetectorConfig | None = None, *, nodes: Mapping[Any, str] | None = None
     ) -> None:
         self.config = config or DetectorConfig()
         self._nodes = dict(nodes or {})
@@ -96,7 +96,7 @@ class StragglerDetector:
     def set_node(self, member: Hashable, node: str) -> None:
         self._nodes[member] = node
 
-    def observe(self, window: int, values: Mapping[Hashable, float]) -> list[Detection]:
+    def observe(self, window: int, values: Mapping[Any, float]) -> list[Detection]:
         """Score one window; return detections that became persistent in this window."""
         cfg = self.config
         self._seen += 1

@@ -1,0 +1,436 @@
+"""The elastic controller: run a job under TorchElastic, evict stragglers, admit hot spares.
+
+Recipe (DESIGN.md, "Verified on this machine"): the controller process hosts the c10d
+rendezvous ``TCPStore`` itself, because if an agent hosted it, evicting that agent would kill
+the job. Every node is one ``torchrun`` agent started with ``--rdzv-conf is_host=false`` and
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (without it the second rendezvous round hangs on
+``MASTER_ADDR``). ``nodes + spares`` agents start for ``--nnodes=nodes:nodes``; the extra
+ones wait in the rendezvous. Evicting a node stops its agent (the whole process group); the
+survivors' workers fail their next collective, their agents restart them, and a waiting
+spare takes the free place. Workers resume from the latest checkpoint and keep the global
+batch by recomputing gradient accumulation. A spare that never got a place would crash when
+the job ends, so the controller stops spares itself.
+
+The loop here watches (a) the telemetry store, feeding per-node compute times to the
+:class:`StragglerDetector`, (b) heartbeats, with a separate timeout for checkpoint phases so
+a long save is not taken for a hang, and (c) the events workers write (starts, resumes),
+and it writes every detection, eviction, restart and join to ``events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from step_infra.telemetry.detector import DetectorConfig, StragglerDetector
+from step_infra.telemetry.events import EventLog, read_events
+from step_infra.telemetry.feed import StepFeed
+from step_infra.telemetry.policy import EvictionPolicy, make_policy
+from step_infra.telemetry.store import StoreTail
+from step_infra.telemetry.worker_support import NODE_ENV, RUN_DIR_ENV, SLOW_ENV, read_heartbeats
+
+log = logging.getLogger(__name__)
+
+TOY_WORKER = ("-m", "step_infra.telemetry.toy_worker")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ElasticConfig:
+    """One elastic job: how many nodes, spares, what each runs, and the timeouts."""
+
+    run_dir: Path
+    worker_args: Sequence[str] = TOY_WORKER  # after ``python``: "-m module ..." or "script"
+    nodes: int = 3
+    spares: int = 1
+    nproc_per_node: int = 1
+    policy: str = "evict"  # "evict" or "detect"
+    max_evictions: int = 1
+    detector: DetectorConfig = field(
+        default_factory=lambda: DetectorConfig(
+            # A handful of nodes: their MAD is a poor spread estimate, so floor it at 2 %.
+            warmup_windows=5,
+            smooth_windows=3,
+            persist_k=2,
+            persist_n=3,
+            threshold=4.0,
+            mad_floor=0.02,
+        )
+    )
+    section: str = "compute"  # the compute-only section the detector compares
+    agent_max_restarts: int = 5  # torchrun --max-restarts
+    restarts_without_progress: int = 3  # give up after this many restarts with no new step
+    step_timeout_s: float = 60.0  # no heartbeat in a "step" phase for this long: a hang
+    checkpoint_timeout_s: float = 300.0  # ... in a "save"/"load" phase
+    startup_timeout_s: float = 180.0  # agents + first step
+    job_timeout_s: float = 900.0
+    poll_interval_s: float = 0.5
+    slow: str | None = None  # fault injection "node:from_step:factor" (tests, demos)
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.spares < 0 or self.nproc_per_node < 1:
+            raise ValueError(
+                f"need nodes >= 1, spares >= 0, nproc_per_node >= 1; got nodes={self.nodes}, "
+                f"spares={self.spares}, nproc_per_node={self.nproc_per_node}"
+            )
+        make_policy(self.policy)  # validates the name
+
+
+@dataclass(slots=True, kw_only=True)
+class ElasticResult:
+    """What happened: the outcome and the timings an SRE asks about."""
+
+    ok: bool
+    reason: str
+    evicted: list[str] = field(default_factory=list)
+    joined: list[str] = field(default_factory=list)
+    restarts: int = 0
+    last_step: int = -1
+    detection_to_resume_s: float | None = None
+    wall_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Agent:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_file: IO[bytes]
+    spare: bool
+    evicted: bool = False
+
+
+def _free_store() -> Any:
+    import torch.distributed as dist
+
+    # port=0: the OS picks a free port; the controller is the store's only host.
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+    )
+
+
+class ElasticController:
+    """Owns the rendezvous store and the agents of one job; :meth:`run` drives it."""
+
+    def __init__(self, config: ElasticConfig, policy: EvictionPolicy | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.policy = policy or make_policy(config.policy, max_evictions=config.max_evictions)
+        self.events = EventLog(self.run_dir, source="controller")
+        self.detector = StragglerDetector(config.detector)
+        self.feed = StepFeed(section=config.section)
+        self.tail = StoreTail(self.run_dir)
+        self.agents: dict[str, _Agent] = {}
+        self._store: Any = None
+        self._events_seen = 0
+        self._generation = 0
+        self._members: dict[str, int] = {}  # node -> generation it last started in
+        self._last_step = -1
+        self._progress_at_restart = -1
+        self._restarts_without_progress = 0
+        self._detected_at: float | None = None
+        self.result = ElasticResult(ok=False, reason="not run")
+
+    # --------------------------------------------------------------- agents
+    def _agent_cmd(self, port: int) -> list[str]:
+        c = self.config
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={c.nodes}:{c.nodes}",
+            f"--nproc-per-node={c.nproc_per_node}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id={self.run_dir.name}",
+            "--rdzv-conf",
+            "is_host=false,join_timeout=600,last_call_timeout=1",
+            f"--max-restarts={c.agent_max_restarts}",
+            "--monitor-interval=0.5",
+            *c.worker_args,
+        ]
+
+    def _start_agent(self, name: str, port: int, *, spare: bool) -> None:
+        env = dict(os.environ)
+        env.update(self.config.extra_env)
+        env.update(
+            {
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                RUN_DIR_ENV: str(self.run_dir.resolve()),
+                NODE_ENV: name,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.config.slow:
+            env[SLOW_ENV] = self.config.slow
+        logs = self.run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        log_file = (logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            self._agent_cmd(port),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: eviction stops agent + workers
+        )
+        self.agents[name] = _Agent(name=name, proc=proc, log_file=log_file, spare=spare)
+        self.events.emit("agent_start", node=name, pid=proc.pid, spare=spare)
+
+    def _stop_agent(self, agent: _Agent, *, grace_s: float = 5.0) -> None:
+        if agent.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.proc.pid, signal.SIGTERM)
+            try:
+                agent.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(agent.proc.pid, signal.SIGKILL)
+                agent.proc.wait(timeout=grace_s)
+        agent.log_file.close()
+
+    # ----------------------------------------------------------------- loop
+    def run(self) -> ElasticResult:
+        c = self.config
+        t_start = time.monotonic()
+        self._store = _free_store()
+        port = int(self._store.port)
+        self.events.emit(
+            "job_start",
+            nodes=c.nodes,
+            spares=c.spares,
+            policy=self.policy.name,
+            rdzv_port=port,
+            detector={k: getattr(c.detector, k) for k in type(c.detector).__slots__},
+        )
+        try:
+            for i in range(c.nodes):
+                self._start_agent(f"node{i}", port, spare=False)
+            self._wait_first_step(t_start)
+            for i in range(c.spares):  # spares start once the job formed: they wait
+                self._start_agent(f"spare{i}", port, spare=True)
+            self.result = self._loop(t_start)
+        except _JobError as exc:
+            self.result = ElasticResult(ok=False, reason=str(exc))
+        finally:
+            for agent in self.agents.values():
+                self._stop_agent(agent)
+            self.result.wall_s = round(time.monotonic() - t_start, 2)
+            self.events.emit(
+                "job_end",
+                ok=self.result.ok,
+                reason=self.result.reason,
+                evicted=self.result.evicted,
+                joined=self.result.joined,
+                restarts=self.result.restarts,
+                last_step=self.result.last_step,
+                detection_to_resume_s=self.result.detection_to_resume_s,
+                wall_s=self.result.wall_s,
+            )
+            self._store = None
+        return self.result
+
+    def _wait_first_step(self, t_start: float) -> None:
+        while time.monotonic() - t_start < self.config.startup_timeout_s:
+            self._poll_events()
+            if self._last_step >= 0:
+                return
+            dead = [a for a in self.agents.values() if a.proc.poll() not in (None, 0)]
+            if dead:
+                raise _JobError(f"agent {dead[0].name} exited with {dead[0].proc.returncode}")
+            time.sleep(self.config.poll_interval_s)
+        raise _JobError(
+            f"no training step within startup_timeout_s={self.config.startup_timeout_s}"
+        )
+
+    def _active(self) -> list[str]:
+        """Nodes in the current generation's membership."""
+        return [n for n, g in self._members.items() if g == self._generation]
+
+    def _loop(self, t_start: float) -> ElasticResult:
+        c = self.config
+        evicted: list[str] = []
+        joined: list[str] = []
+        while True:
+            if time.monotonic() - t_start > c.job_timeout_s:
+                raise _JobError(f"job_timeout_s={c.job_timeout_s} exceeded")
+            new_events = self._poll_events()
+            for ev in new_events:
+                node = ev.get("node")
+                if (
+                    ev["event"] == "worker_start"
+                    and node in self.agents
+                    and self.agents[node].spare
+                    and node not in joined
+                ):
+                    joined.append(node)
+                    self.events.emit(
+                        "join",
+                        node=node,
+                        generation=ev["generation"],
+                        resume_step=ev["resume_step"],
+                        world_size=ev["world_size"],
+                        grad_accum=ev["grad_accum"],
+                    )
+                if (
+                    ev["event"] == "resumed"
+                    and self._detected_at is not None
+                    and self.result.detection_to_resume_s is None
+                ):
+                    self.result.detection_to_resume_s = round(time.time() - self._detected_at, 2)
+                    self.events.emit(
+                        "recovered",
+                        step=ev["step"],
+                        loss=ev["loss"],
+                        detection_to_resume_s=self.result.detection_to_resume_s,
+                    )
+            if self._check_done(new_events):
+                return ElasticResult(
+                    ok=True,
+                    reason="completed",
+                    evicted=evicted,
+                    joined=joined,
+                    restarts=self.result.restarts,
+                    last_step=self._last_step,
+                    detection_to_resume_s=self.result.detection_to_resume_s,
+                )
+            self._check_agents()
+            self._check_heartbeats(evicted)
+            self.feed.add(self.tail.poll())
+            active = self._active()
+            for generation, step, values in self.feed.complete(active):
+                if generation != self._generation:
+                    continue
+                detections = self.detector.observe(step, values)
+                for det in detections:
+                    self._detected_at = self._detected_at or time.time()
+                    self.events.emit(
+                        "detection",
+                        level=det.level,
+                        target=det.target,
+                        node=det.node,
+                        step=step,
+                        generation=generation,
+                        score=round(det.score, 2),
+                        effect=round(det.effect, 4),
+                        evidence=det.evidence,
+                    )
+                spares_left = sum(
+                    1
+                    for a in self.agents.values()
+                    if a.spare and a.name not in self._members and a.proc.poll() is None
+                )
+                for decision in self.policy.decide(detections, spares_left=spares_left):
+                    self._evict(decision.node, decision.reason, decision.detection.evidence)
+                    evicted.append(decision.node)
+            self.result.evicted = evicted
+            time.sleep(c.poll_interval_s)
+
+    def _evict(self, node: str, reason: str, evidence: dict[str, Any]) -> None:
+        agent = self.agents.get(node)
+        if agent is None or agent.evicted:
+            return
+        agent.evicted = True
+        self.events.emit(
+            "eviction", node=node, reason=reason, evidence=evidence, last_step=self._last_step
+        )
+        self._stop_agent(agent)
+        self._members.pop(node, None)
+
+    def _poll_events(self) -> list[dict[str, Any]]:
+        events = read_events(self.run_dir)
+        new = events[self._events_seen :]
+        self._events_seen = len(events)
+        for ev in new:
+            kind = ev["event"]
+            if kind == "worker_start":
+                gen = int(ev["generation"])
+                if gen > self._generation:
+                    if self._generation > 0:
+                        self.result.restarts += 1
+                        if self._last_step <= self._progress_at_restart:
+                            self._restarts_without_progress += 1
+                        else:
+                            self._restarts_without_progress = 0
+                        self._progress_at_restart = self._last_step
+                        self.events.emit(
+                            "restart",
+                            generation=gen,
+                            resume_step=ev["resume_step"],
+                            world_size=ev["world_size"],
+                            grad_accum=ev["grad_accum"],
+                            restarts_without_progress=self._restarts_without_progress,
+                        )
+                        self.detector.reset()
+                        self.feed.drop_attempts_before(gen)
+                    self._generation = gen
+                self._members[str(ev["node"])] = gen
+            if kind in ("checkpoint", "resumed", "worker_done"):
+                self._last_step = max(self._last_step, int(ev.get("step", -1)))
+        limit = self.config.restarts_without_progress
+        if self._restarts_without_progress > limit:
+            raise _JobError(
+                f"{self._restarts_without_progress} restarts without progress (> {limit})"
+            )
+        return new
+
+    def _check_done(self, new_events: list[dict[str, Any]]) -> bool:
+        if not any(ev["event"] == "worker_done" for ev in new_events):
+            return False
+        deadline = time.monotonic() + 30.0
+        training = [a for a in self.agents.values() if a.name in self._active()]
+        for agent in training:
+            try:
+                agent.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise _JobError(f"agent {agent.name} did not exit after the job finished") from None
+        return True
+
+    def _check_agents(self) -> None:
+        for agent in self.agents.values():
+            code = agent.proc.poll()
+            if code not in (None, 0) and not agent.evicted and agent.name in self._active():
+                raise _JobError(f"agent {agent.name} exited with {code} (max restarts reached?)")
+
+    def _check_heartbeats(self, evicted: list[str]) -> None:
+        now = time.time()
+        for hb in read_heartbeats(self.run_dir):
+            node = str(hb["node"])
+            if hb.get("generation") != self._generation or node not in self._active():
+                continue
+            self._last_step = max(self._last_step, int(hb["step"]))
+            phase = hb.get("phase", "step")
+            limit = (
+                self.config.checkpoint_timeout_s
+                if phase in ("save", "load")
+                else self.config.step_timeout_s
+            )
+            if now - float(hb["t_unix_s"]) > limit:
+                self.events.emit(
+                    "hang",
+                    node=node,
+                    phase=phase,
+                    silent_s=round(now - hb["t_unix_s"], 1),
+                    timeout_s=limit,
+                    step=hb["step"],
+                )
+                raise _JobError(f"node {node} silent for > {limit}s in phase {phase!r}")
+
+
+class _JobError(RuntimeError):
+    pass
+
+
+def run_elastic_job(config: ElasticConfig, policy: EvictionPolicy | None = None) -> ElasticResult:
+    """Run one elastic job to completion (or failure); the entry point ``step-infra train``
+    uses for ``--eviction evict --spares N``. Blocks; returns what happened."""
+    return ElasticController(config, policy).run()

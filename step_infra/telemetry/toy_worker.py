@@ -1,0 +1,196 @@
+"""A tiny plain-torch training job for the elastic controller's end-to-end runs.
+
+Started by ``torchrun`` (one process per agent) through :func:`run_elastic_job`. It trains a
+two-layer MLP on a synthetic regression task with gloo, records a compute-only section and
+the arrival at the gradient all-reduce, checkpoints on rank 0, and resumes from the latest
+checkpoint after a restart. The *global* batch is fixed: each rank runs
+``global_batch / (micro_batch * world_size)`` micro-batches of gradient accumulation, and
+sample ``i`` of step ``s`` is the same tensor whatever the world size, so the loss curve
+after a resize continues the one before it.
+
+    python -m step_infra.telemetry.toy_worker --steps 60 --compute-s 0.1
+
+(only meaningful under ``torchrun`` with the variables of
+:mod:`~step_infra.telemetry.worker_support`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from step_infra.telemetry.events import EventLog
+from step_infra.telemetry.recorder import Recorder, RecorderConfig
+from step_infra.telemetry.store import ParquetStore
+from step_infra.telemetry.worker_support import (
+    WorkerEnv,
+    load_latest_checkpoint,
+    next_generation,
+    save_checkpoint,
+    write_heartbeat,
+)
+
+DIM = 16
+
+
+def _samples(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic samples: the same (x, y) for a (step, index) on any world size."""
+    xs, ys = [], []
+    true_w = torch.linspace(-1.0, 1.0, DIM)
+    for i in indices:
+        g = torch.Generator().manual_seed(step * 100_003 + i)
+        x = torch.randn(DIM, generator=g)
+        xs.append(x)
+        ys.append((x @ true_w).tanh() + 0.01 * torch.randn(1, generator=g).squeeze())
+    return torch.stack(xs), torch.stack(ys).unsqueeze(1)  # (B, DIM), (B, 1)
+
+
+def make_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model and optimizer, identically initialised on every rank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DIM, 32), nn.Tanh(), nn.Linear(32, 1))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def accumulate(
+    model: nn.Module, step: int, indices: list[int], *, micro_batch: int, global_batch: int
+) -> float:
+    """Forward/backward over ``indices`` in micro-batches; grads scaled for the global batch.
+
+    Returns the summed (not averaged) loss of these samples.
+    """
+    total = 0.0
+    for m in range(0, len(indices), micro_batch):
+        x, y = _samples(step, indices[m : m + micro_batch])
+        loss = nn.functional.mse_loss(model(x), y, reduction="sum")
+        (loss / global_batch).backward()
+        total += float(loss.detach())
+    return total
+
+
+def reference_losses(steps: int, *, global_batch: int = 24, micro_batch: int = 4) -> list[float]:
+    """Loss curve of the same job on one process, no faults: what a resumed run must match."""
+    model, opt = make_model()
+    out = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        total = accumulate(
+            model,
+            step,
+            list(range(global_batch)),
+            micro_batch=micro_batch,
+            global_batch=global_batch,
+        )
+        opt.step()
+        out.append(total / global_batch)
+    return out
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="tiny elastic training job")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--global-batch", type=int, default=24)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--compute-s", type=float, default=0.1, help="simulated compute per step")
+    p.add_argument("--checkpoint-every", type=int, default=5)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    env = WorkerEnv.from_env()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.global_batch % (args.micro_batch * world):
+        raise ValueError(
+            f"global batch {args.global_batch} is not divisible by micro_batch x world = "
+            f"{args.micro_batch} x {world}"
+        )
+    accum = args.global_batch // (args.micro_batch * world)
+    gen = torch.tensor([next_generation(env.run_dir) if rank == 0 else 0])
+    dist.broadcast(gen, src=0)
+    generation = int(gen.item())
+    events = EventLog(env.run_dir, source=f"{env.node}/rank{rank}")
+
+    model, opt = make_model()
+    write_heartbeat(env, step=-1, phase="load", generation=generation)
+    state = load_latest_checkpoint(env.run_dir)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = int(state["step"]) + 1
+    events.emit(
+        "worker_start",
+        node=env.node,
+        rank=rank,
+        world_size=world,
+        generation=generation,
+        restart_count=env.restart_count,
+        resume_step=start,
+        grad_accum=accum,
+        global_batch=args.global_batch,
+    )
+    cfg = RecorderConfig(
+        rank=rank, node=env.node, attempt=generation, window_steps=2, flush_interval_s=0.2
+    )
+    with Recorder(cfg, [ParquetStore(env.run_dir)]) as rec:
+        for step in range(start, args.steps):
+            rec.begin_step(step)
+            with rec.section("compute"):
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                mine = list(range(rank, args.global_batch, world))  # accum micro-batches
+                local = accumulate(
+                    model,
+                    step,
+                    mine,
+                    micro_batch=args.micro_batch,
+                    global_batch=args.global_batch,
+                )
+                # Simulated accelerator time, stretched on a node made slow on purpose.
+                budget = args.compute_s * env.slowdown(step)
+                time.sleep(max(0.0, budget - (time.perf_counter() - t0)))
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            with rec.collective("grad_allreduce"):
+                flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([local])])
+                dist.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            opt.step()
+            global_loss = float(flat[-1]) / args.global_batch
+            rec.end_step(loss=global_loss, tokens=float(args.global_batch))
+            if step == start and state is not None and rank == 0:
+                events.emit(
+                    "resumed",
+                    node=env.node,
+                    step=step,
+                    loss=global_loss,
+                    world_size=world,
+                    generation=generation,
+                    grad_accum=accum,
+                )
+            write_heartbeat(env, step=step, phase="step", generation=generation)
+            if rank == 0 and step % args.checkpoint_every == 0:
+                write_heartbeat(env, step=step, phase="save", generation=generation)
+                save_checkpoint(
+                    env.run_dir,
+                    step,
+                    {"model": model.state_dict(), "opt": opt.state_dict(), "step": step},
+                )
+                events.emit("checkpoint", step=step, loss=global_loss)
+    if rank == 0:
+        events.emit("worker_done", node=env.node, step=args.steps - 1, generation=generation)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Eviction and recovery through TorchElastic: real torchrun agents, a tiny model on gloo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from step_infra.telemetry import read_events, read_store
+from step_infra.telemetry.elastic import TOY_WORKER, ElasticConfig, run_elastic_job
+from step_infra.telemetry.feed import StepFeed
+from step_infra.telemetry.toy_worker import reference_losses
+from step_infra.telemetry.worker_support import WorkerEnv
+
+
+def test_feed_releases_complete_steps_in_order() -> None:
+    feed = StepFeed()
+    rows = pd.DataFrame(
+        {
+            "attempt": [1, 1, 1, 1, 1],
+            "step": [0, 0, 1, 1, 0],
+            "node": ["a", "b", "a", "b", "a"],
+            "kind": ["section"] * 5,
+            "name": ["compute"] * 4 + ["other"],
+            "value": [0.1, 0.2, 0.3, 0.4, 9.0],
+        }
+    )
+    feed.add(rows.iloc[:3])
+    assert [s for _, s, _ in feed.complete(["a", "b"])] == [0]
+    assert feed.complete(["a", "b"]) == []  # step 1 lacks node b
+    feed.add(rows.iloc[3:])
+    assert feed.complete(["a", "b"]) == [(1, 1, {"a": 0.3, "b": 0.4})]
+
+
+def test_worker_env_rejects_a_bad_slow_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STEP_INFRA_RUN_DIR", "/tmp/x")
+    monkeypatch.setenv("STEP_INFRA_NODE", "node1")
+    monkeypatch.setenv("STEP_INFRA_SLOW", "node1:20:1.3")
+    env = WorkerEnv.from_env()
+    assert env.slowdown(19) == 1.0 and env.slowdown(20) == 1.3
+    monkeypatch.setenv("STEP_INFRA_SLOW", "node1-slow")
+    with pytest.raises(ValueError, match="expected 'node:from_step:factor'"):
+        WorkerEnv.from_env()
+
+
+def test_config_validates() -> None:
+    with pytest.raises(ValueError, match="spares=-1"):
+        ElasticConfig(run_dir=Path("x"), spares=-1)
+    with pytest.raises(ValueError, match="got 'kill'"):
+        ElasticConfig(run_dir=Path("x"), policy="kill")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_slow_node_is_evicted_and_the_spare_takes_over(tmp_path: Path) -> None:
+    """3 agents + 1 spare; node1 becomes 30 % slower at step 15 -> detected, evicted, the
+    spare joins, training resumes from the checkpoint with the same global batch."""
+    steps = 45
+    run_dir = tmp_path / "e2e"
+    cfg = ElasticConfig(
+        run_dir=run_dir,
+        worker_args=(*TOY_WORKER, "--steps", str(steps), "--compute-s", "0.1"),
+        nodes=3,
+        spares=1,
+        slow="node1:15:1.3",
+        job_timeout_s=280,
+    )
+    result = run_elastic_job(cfg)
+    events = read_events(run_dir)
+    story = [e["event"] for e in events if e["source"] == "controller"]
+    assert result.ok, (result, story)
+    assert result.evicted == ["node1"] and result.joined == ["spare0"]
+    assert result.restarts == 1 and result.last_step == steps - 1
+    assert result.detection_to_resume_s is not None and result.detection_to_resume_s < 60
+
+    # events.jsonl tells the story, in order, with evidence.
+    for earlier, later in [
+        ("detection", "eviction"),
+        ("eviction", "restart"),
+        ("restart", "join"),
+        ("join", "recovered"),
+        ("recovered", "job_end"),
+    ]:
+        assert story.index(earlier) < story.index(later), story
+    detection = next(e for e in events if e["event"] == "detection")
+    assert detection["node"] == "node1" and detection["step"] >= 15
+    assert detection["evidence"]["windows"]["node1"][-1]["flagged"]
+    assert detection["effect"] > 0.05
+    join = next(e for e in events if e["event"] == "join")
+    assert join["world_size"] == 3 and join["grad_accum"] == 2
+
+    # The loss after the resume continues the checkpoint: it matches a fault-free reference.
+    df = read_store(run_dir)
+    loss = df[(df["name"] == "loss") & (df["rank"] == 0)]
+    reference = reference_losses(steps)
+    last_gen = loss["attempt"].max()
+    resumed = loss[loss["attempt"] == last_gen].sort_values("step")
+    assert resumed["step"].iloc[0] > 0
+    for step, value in zip(resumed["step"], resumed["value"], strict=True):
+        assert value == pytest.approx(reference[step], rel=1e-4, abs=1e-6), step
+    nodes_after = set(df[df["attempt"] == last_gen]["node"])
+    assert nodes_after == {"node0", "node2", "spare0"}
+
+    # Nothing is left running.
+    starts = [e for e in events if e["event"] == "agent_start"]
+    assert len(starts) == 4
+    assert not any(_alive(e["pid"]) for e in starts)
