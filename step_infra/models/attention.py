@@ -1,0 +1,262 @@
+"""Self- and cross-attention of the DiT, assembled from megatron-core ``ModuleSpec`` parts.
+
+Tensor parallelism comes from megatron-core's ``ColumnParallelLinear`` (fused QKV, heads
+split across ranks) and ``RowParallelLinear`` (output projection, all-reduce). The core
+attention is this project's own module because megatron-core's ``DotProductAttention``
+needs CUDA; it calls :func:`step_infra.kernels.flash_attention` (Triton on GPU, SDPA on CPU).
+Context parallelism is a choice of core attention: Ulysses (all-to-all sequence <-> heads)
+or ring (every rank's K/V chunk attended in turn, partial results merged by log-sum-exp).
+
+Layout inside the block is megatron's ``[seq, batch, hidden]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch import nn
+
+from step_infra.kernels import flash_attention
+from step_infra.models import parallel
+from step_infra.models.parallel import ParallelGroups
+from step_infra.models.rope import apply_rope
+
+
+class LocalAttention(nn.Module):
+    """Attention over the whole sequence held by this rank: ``[s, b, h, d] -> [s, b, h*d]``."""
+
+    def __init__(self, *, groups: ParallelGroups) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out = flash_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), kv_lengths=kv_lengths
+        )
+        assert isinstance(out, torch.Tensor)
+        return out.transpose(0, 1).flatten(2)
+
+
+class UlyssesAttention(LocalAttention):
+    """Context parallel by all-to-all: each rank trades its sequence chunk of all (local)
+    heads for the full sequence of ``heads / cp`` heads, attends, and trades back."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cp = self.groups.cp
+        if q.shape[2] % cp.size():
+            raise ValueError(
+                f"Ulysses needs heads per rank ({q.shape[2]}) divisible by cp={cp.size()}"
+            )
+        q, k, v = (parallel.all_to_all(t, cp, scatter_dim=2, gather_dim=0) for t in (q, k, v))
+        out = flash_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+        assert isinstance(out, torch.Tensor)
+        out = parallel.all_to_all(out.transpose(0, 1), cp, scatter_dim=0, gather_dim=2)
+        return out.flatten(2)
+
+
+class RingAttention(LocalAttention):
+    """Context parallel by K/V exchange: queries stay, every rank's K/V chunk is attended in
+    turn and the partial outputs are merged with their log-sum-exp (numerically exact).
+
+    The chunks arrive by one all-gather here (gloo has no cheap ring send/recv overlap); the
+    per-chunk computation and LSE merge are those of ring attention.
+    """
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cp = self.groups.cp
+        ks = parallel.gather(k, cp, dim=0, reduce_grad=True).chunk(cp.size(), dim=0)
+        vs = parallel.gather(v, cp, dim=0, reduce_grad=True).chunk(cp.size(), dim=0)
+        qb = q.transpose(0, 1)
+        outs, lses = [], []
+        for kc, vc in zip(ks, vs, strict=True):
+            o, lse = flash_attention(qb, kc.transpose(0, 1), vc.transpose(0, 1), return_lse=True)
+            outs.append(o.float())  # (B, S, H, D)
+            lses.append(lse)  # (B, H, S)
+        lse_all = torch.logsumexp(torch.stack(lses), dim=0)
+        out = sum(
+            o * torch.exp(lse - lse_all).transpose(1, 2)[..., None]
+            for o, lse in zip(outs, lses, strict=True)
+        )
+        assert isinstance(out, torch.Tensor)
+        return out.to(q.dtype).transpose(0, 1).flatten(2)
+
+
+@dataclass
+class SelfAttentionSubmodules:
+    linear_qkv: ModuleSpec | type
+    q_norm: ModuleSpec | type
+    k_norm: ModuleSpec | type
+    core_attention: ModuleSpec | type
+    linear_proj: ModuleSpec | type
+
+
+@dataclass
+class CrossAttentionSubmodules:
+    linear_q: ModuleSpec | type
+    linear_kv: ModuleSpec | type
+    q_norm: ModuleSpec | type
+    k_norm: ModuleSpec | type
+    core_attention: ModuleSpec | type
+    linear_proj: ModuleSpec | type
+
+
+def _mark_tp_partial(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.tp_partial_grad = True  # type: ignore[attr-defined]
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV -> per-head RMSNorm(q, k) -> 3D RoPE -> core attention -> output projection."""
+
+    def __init__(
+        self,
+        submodules: SelfAttentionSubmodules,
+        *,
+        mcore_config: Any,
+        num_heads: int,
+        head_dim: int,
+        eps: float,
+        groups: ParallelGroups,
+    ) -> None:
+        super().__init__()
+        h = mcore_config.hidden_size
+        tp = groups.tp_size
+        if num_heads % tp:
+            raise ValueError(f"num_heads {num_heads} is not divisible by tp={tp}")
+        self.heads_local, self.head_dim = num_heads // tp, head_dim
+        # Output rows are laid out [head, (q, k, v), head_dim] so that a column split gives
+        # every tensor-parallel rank whole heads.
+        self.linear_qkv = build_module(
+            submodules.linear_qkv,
+            h,
+            3 * num_heads * head_dim,
+            config=mcore_config,
+            init_method=mcore_config.init_method,
+            bias=False,
+            gather_output=False,
+            disable_grad_reduce=groups.sequence_parallel,
+            tp_group=groups.tp,
+        )
+        self.q_norm = build_module(submodules.q_norm, head_dim, eps=eps)
+        self.k_norm = build_module(submodules.k_norm, head_dim, eps=eps)
+        if tp > 1:  # shared by the heads of all tensor-parallel ranks
+            _mark_tp_partial(self.q_norm)
+            _mark_tp_partial(self.k_norm)
+        self.core_attention = build_module(submodules.core_attention, groups=groups)
+        self.linear_proj = build_module(
+            submodules.linear_proj,
+            num_heads * head_dim,
+            h,
+            config=mcore_config,
+            init_method=mcore_config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=groups.tp,
+        )
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:  # x: (S, B, hidden), full sequence of this CP rank
+        qkv, _ = self.linear_qkv(x)  # (S, B, heads_local * 3 * D)
+        s, b = qkv.shape[:2]
+        q, k, v = qkv.view(s, b, self.heads_local, 3, self.head_dim).unbind(3)
+        q = apply_rope(self.q_norm(q), *rope)
+        k = apply_rope(self.k_norm(k), *rope)
+        out = self.core_attention(q, k, v)  # (S, B, heads_local * D)
+        y, _ = self.linear_proj(out)
+        return y
+
+
+class CrossAttention(nn.Module):
+    """Queries from video tokens, keys/values from (padded) text tokens; no RoPE."""
+
+    def __init__(
+        self,
+        submodules: CrossAttentionSubmodules,
+        *,
+        mcore_config: Any,
+        text_config: Any,
+        num_heads: int,
+        head_dim: int,
+        eps: float,
+        groups: ParallelGroups,
+    ) -> None:
+        super().__init__()
+        h = mcore_config.hidden_size
+        tp = groups.tp_size
+        self.heads_local, self.head_dim = num_heads // tp, head_dim
+        self.linear_q = build_module(
+            submodules.linear_q,
+            h,
+            num_heads * head_dim,
+            config=mcore_config,
+            init_method=mcore_config.init_method,
+            bias=False,
+            gather_output=False,
+            disable_grad_reduce=groups.sequence_parallel,
+            tp_group=groups.tp,
+        )
+        # Text is replicated on every rank (never sequence-sharded): its own config without
+        # sequence parallel, so the input gradient is all-reduced over the TP group.
+        self.linear_kv = build_module(
+            submodules.linear_kv,
+            h,
+            2 * num_heads * head_dim,
+            config=text_config,
+            init_method=mcore_config.init_method,
+            bias=False,
+            gather_output=False,
+            tp_group=groups.tp,
+        )
+        self.q_norm = build_module(submodules.q_norm, head_dim, eps=eps)
+        self.k_norm = build_module(submodules.k_norm, head_dim, eps=eps)
+        if tp > 1:
+            _mark_tp_partial(self.q_norm)
+            _mark_tp_partial(self.k_norm)
+        self.core_attention = build_module(submodules.core_attention, groups=groups)
+        self.linear_proj = build_module(
+            submodules.linear_proj,
+            num_heads * head_dim,
+            h,
+            config=mcore_config,
+            init_method=mcore_config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=groups.tp,
+        )
+
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor, text_lengths: torch.Tensor | None
+    ) -> torch.Tensor:  # x: (S, B, hidden), text: (L, B, hidden)
+        q, _ = self.linear_q(x)
+        kv, _ = self.linear_kv(text)
+        s, b = q.shape[:2]
+        q = self.q_norm(q.view(s, b, self.heads_local, self.head_dim))
+        k, v = kv.view(kv.shape[0], b, self.heads_local, 2, self.head_dim).unbind(3)
+        k = self.k_norm(k)
+        out = self.core_attention(q, k, v, text_lengths)
+        y, _ = self.linear_proj(out)
+        return y
