@@ -79,6 +79,11 @@ def demo(
     run_demo(run_dir, console=Console())
 
 
+from step_infra.telemetry.cli import dashboard as _telemetry_dashboard  # noqa: E402
+
+app.command(name="dashboard")(_telemetry_dashboard)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -164,15 +164,18 @@ class Recorder:
         tokens: float | None = None,
         flops: float | None = None,
         data_wait_s: float | None = None,
+        step_time_s: float | None = None,
     ) -> float:
         """Close the step; record step time and the default per-step metrics. Returns seconds.
 
         ``data_wait_s`` comes from the data pipe (StepRPC), ``flops`` from the emulator's count
-        for this step on this rank; MFU needs ``RecorderConfig.peak_flops_per_s``.
+        for this step on this rank; MFU needs ``RecorderConfig.peak_flops_per_s``;
+        ``tokens`` are this rank's tokens (the dashboard sums ranks). ``step_time_s``
+        overrides the measured wall time (for steps timed elsewhere, or simulated).
         """
         if self._step_t0 is None:
             raise ValueError("end_step() called before begin_step(step)")
-        seconds = time.perf_counter() - self._step_t0
+        seconds = time.perf_counter() - self._step_t0 if step_time_s is None else step_time_s
         self._step_t0 = None
         now = time.time_ns()
         step = self._step
@@ -197,6 +200,12 @@ class Recorder:
     def collective(self, name: str) -> _Collective:
         """``with rec.collective("grad_allreduce"): dist.all_reduce(t)``: arrival + wait."""
         return _Collective(self, self._name(name))
+
+    def record_section(self, name: str, seconds: float) -> None:
+        """Record a section timed elsewhere (another timer, a profiler, a simulation)."""
+        self._buf.append(
+            (Kind.SECTION, self._name(name), self._step, float(seconds), time.time_ns())
+        )
 
     def counter(self, name: str, value: float = 1.0) -> None:
         self._buf.append((Kind.COUNTER, self._name(name), self._step, float(value), time.time_ns()))

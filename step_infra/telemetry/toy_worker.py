@@ -167,7 +167,7 @@ def main() -> None:
                 offset += g.numel()
             opt.step()
             global_loss = float(flat[-1]) / args.global_batch
-            rec.end_step(loss=global_loss, tokens=float(args.global_batch))
+            rec.end_step(loss=global_loss, tokens=float(args.global_batch / world))
             if step == start and state is not None and rank == 0:
                 events.emit(
                     "resumed",
