@@ -92,6 +92,35 @@ def _hot_path_ns(n: int = 20000) -> dict[str, float]:
     return {"section_ns": (t1 - t0) / n, "counter_ns": (t2 - t1) / n}
 
 
+def _bounded_memory(steps: int = 6000, capacity: int = 65_536) -> dict[str, float]:
+    """10 minutes of 100 ms steps (simulated step count) with nobody exporting."""
+    import tracemalloc
+
+    rec = Recorder(RecorderConfig(capacity=capacity, system_metrics=False))
+    names = [f"section{i:02d}" for i in range(SECTIONS)]
+    tracemalloc.start()
+    for step in range(steps):
+        rec.begin_step(step)
+        for name in names:
+            with rec.section(name):
+                pass
+        for c in range(COUNTERS):
+            rec.counter(f"counter{c}")
+        rec.end_step()
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    stats = rec.stats()
+    return {
+        "steps": steps,
+        "records_offered": steps * (SECTIONS + COUNTERS + 1),
+        "capacity": capacity,
+        "buffered": stats["buffered"],
+        "dropped": stats["dropped"],
+        "traced_peak_bytes": peak,
+        "traced_current_bytes": current,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write results here")
@@ -131,6 +160,7 @@ def main() -> None:
     on, off = np.array(times["on"]), np.array(times["off"])
     overhead = float(on.mean() / off.mean() - 1.0)
     hot = _hot_path_ns()
+    memory = _bounded_memory()
     per_step_hot_s = (SECTIONS * hot["section_ns"] + COUNTERS * hot["counter_ns"]) / 1e9
     result = {
         "step_target_s": step_s,
@@ -148,6 +178,7 @@ def main() -> None:
         "hot_path_fraction_of_step": per_step_hot_s / step_s,
         "store_parts_written": parts,
         "recorder": stats,
+        "bounded_memory": memory,
         "pass": overhead < 0.01,
     }
     print(f"{'metric':<30}{'value':>16}")
@@ -165,6 +196,11 @@ def main() -> None:
     ):
         value = result[key]
         print(f"{key:<30}{value:>16.6g}" if isinstance(value, float) else f"{key:<30}{value!s:>16}")
+    print(
+        f"no exporter for {memory['steps']} steps: {memory['buffered']} records buffered "
+        f"(capacity {memory['capacity']}), {memory['dropped']} dropped and counted, "
+        f"peak {memory['traced_peak_bytes'] / 2**20:.1f} MiB traced"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -80,8 +80,10 @@ def demo(
 
 
 from step_infra.telemetry.cli import dashboard as _telemetry_dashboard  # noqa: E402
+from step_infra.telemetry.cli import telemetry_demo as _telemetry_demo  # noqa: E402
 
 app.command(name="dashboard")(_telemetry_dashboard)
+app.command(name="telemetry-demo")(_telemetry_demo)
 
 
 def main() -> None:

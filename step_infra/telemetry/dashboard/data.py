@@ -64,9 +64,9 @@ def summarize_run(run_dir: str | Path, *, straggler_threshold: float = 0.1) -> d
     heat_src = heat_src.sort_values("attempt").drop_duplicates(["member", "step"], keep="last")
     pivot = heat_src.pivot_table(index="member", columns="step", values="value", aggfunc="median")
     pivot = pivot.iloc[:, -MAX_STEPS:]
-    # Slowdown of each member vs the per-step median of its peers, over its last 20 steps.
+    # Slowdown of each member vs the per-step median of its peers, over its last 5 steps.
     ratio = pivot / pivot.median(axis=0)
-    recent = ratio.apply(lambda row: row.dropna().tail(20).median(), axis=1)
+    recent = ratio.apply(lambda row: row.dropna().tail(5).median(), axis=1)
     detections = [e for e in events if e.get("event") == "detection"]
     # A node-level detection flags every rank of the node; a rank-level one names its member
     # (a rank number, or the node name when the detector compared nodes of one rank each).
@@ -109,6 +109,8 @@ def summarize_run(run_dir: str | Path, *, straggler_threshold: float = 0.1) -> d
         "rows": list(sec.index),
         "mean_s": [_clean(r) for r in sec.to_numpy()],
     }
+    # Steps re-run after a resume: the series keep each step's latest attempt only.
+    df = df[df["attempt"] == df.groupby("step")["attempt"].transform("max")]
     step_time = df[df["kind"] == "step"].groupby("step")["value"].mean()
     wait = df[df["name"] == "data_wait_s"].groupby("step")["value"].mean()
     stall = (wait / step_time).dropna().sort_index()
