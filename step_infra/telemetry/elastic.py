@@ -139,6 +139,7 @@ class ElasticController:
         self._progress_at_restart = -1
         self._restarts_without_progress = 0
         self._detected_at: float | None = None
+        self._restarting_since: float | None = None  # eviction done, new generation not yet
         self.result = ElasticResult(ok=False, reason="not run")
 
     # --------------------------------------------------------------- agents
@@ -345,6 +346,7 @@ class ElasticController:
         )
         self._stop_agent(agent)
         self._members.pop(node, None)
+        self._restarting_since = time.time()
 
     def _poll_events(self) -> list[dict[str, Any]]:
         events = read_events(self.run_dir)
@@ -373,6 +375,7 @@ class ElasticController:
                         self.detector.reset()
                         self.feed.drop_attempts_before(gen)
                     self._generation = gen
+                    self._restarting_since = None
                 self._members[str(ev["node"])] = gen
             if kind in ("checkpoint", "resumed", "worker_done"):
                 self._last_step = max(self._last_step, int(ev.get("step", -1)))
@@ -403,17 +406,34 @@ class ElasticController:
 
     def _check_heartbeats(self, evicted: list[str]) -> None:
         now = time.time()
-        for hb in read_heartbeats(self.run_dir):
+        if self._restarting_since is not None:
+            # Between an eviction and the new generation's first start the survivors are
+            # silent by design: only the startup budget applies.
+            if now - self._restarting_since > self.config.startup_timeout_s:
+                self.events.emit(
+                    "hang",
+                    phase="restart",
+                    silent_s=round(now - self._restarting_since, 1),
+                    timeout_s=self.config.startup_timeout_s,
+                )
+                raise _JobError(
+                    f"no restart within startup_timeout_s={self.config.startup_timeout_s}"
+                )
+            return
+        active = set(self._active())
+        beats = [
+            hb
+            for hb in read_heartbeats(self.run_dir)
+            if hb.get("generation") == self._generation and str(hb["node"]) in active
+        ]
+        # While any rank saves or loads a checkpoint, the others wait for it in their next
+        # collective: the whole job gets the checkpoint timeout, not only the saving rank.
+        in_checkpoint = any(hb.get("phase") in ("save", "load") for hb in beats)
+        limit = self.config.checkpoint_timeout_s if in_checkpoint else self.config.step_timeout_s
+        for hb in beats:
             node = str(hb["node"])
-            if hb.get("generation") != self._generation or node not in self._active():
-                continue
             self._last_step = max(self._last_step, int(hb["step"]))
             phase = hb.get("phase", "step")
-            limit = (
-                self.config.checkpoint_timeout_s
-                if phase in ("save", "load")
-                else self.config.step_timeout_s
-            )
             if now - float(hb["t_unix_s"]) > limit:
                 self.events.emit(
                     "hang",

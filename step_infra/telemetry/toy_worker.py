@@ -98,6 +98,10 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--compute-s", type=float, default=0.1, help="simulated compute per step")
     p.add_argument("--checkpoint-every", type=int, default=5)
+    # Fault injection for the controller's tests: crash or hang at a step, or slow saves.
+    p.add_argument("--crash-at-step", type=int, default=None)
+    p.add_argument("--hang-at-step", type=int, default=None)
+    p.add_argument("--save-delay-s", type=float, default=0.0)
     return p.parse_args()
 
 
@@ -143,6 +147,10 @@ def main() -> None:
     with Recorder(cfg, [ParquetStore(env.run_dir)]) as rec:
         for step in range(start, args.steps):
             rec.begin_step(step)
+            if step == args.crash_at_step and rank == 0:
+                raise RuntimeError(f"injected crash at step {step}")
+            if step == args.hang_at_step and rank == 0:
+                time.sleep(3600)  # injected hang: the controller's step timeout must fire
             with rec.section("compute"):
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
@@ -181,6 +189,7 @@ def main() -> None:
             write_heartbeat(env, step=step, phase="step", generation=generation)
             if rank == 0 and step % args.checkpoint_every == 0:
                 write_heartbeat(env, step=step, phase="save", generation=generation)
+                time.sleep(args.save_delay_s)  # a slow file system (injected)
                 save_checkpoint(
                     env.run_dir,
                     step,

@@ -115,3 +115,60 @@ def test_slow_node_is_evicted_and_the_spare_takes_over(tmp_path: Path) -> None:
     starts = [e for e in events if e["event"] == "agent_start"]
     assert len(starts) == 4
     assert not any(_alive(e["pid"]) for e in starts)
+
+
+def _toy(*extra: str, steps: int = 30) -> tuple[str, ...]:
+    return (*TOY_WORKER, "--steps", str(steps), "--compute-s", "0.05", *extra)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_long_checkpoint_save_is_not_a_hang_but_a_stuck_step_is(tmp_path: Path) -> None:
+    """A 6 s save under a 4 s step timeout completes (checkpoint timeout applies); a rank
+    stuck in a step for longer than the step timeout ends the job with a 'hang' event."""
+    slow_save = ElasticConfig(
+        run_dir=tmp_path / "save",
+        worker_args=_toy("--save-delay-s", "6", "--checkpoint-every", "10", steps=25),
+        nodes=2,
+        spares=0,
+        step_timeout_s=4.0,
+        checkpoint_timeout_s=60.0,
+    )
+    result = run_elastic_job(slow_save)
+    assert result.ok, result
+    assert not [e for e in read_events(tmp_path / "save") if e["event"] == "hang"]
+
+    stuck = ElasticConfig(
+        run_dir=tmp_path / "hang",
+        worker_args=_toy("--hang-at-step", "8"),
+        nodes=2,
+        spares=0,
+        step_timeout_s=4.0,
+        checkpoint_timeout_s=60.0,
+    )
+    result = run_elastic_job(stuck)
+    assert not result.ok and "silent" in result.reason
+    hang = [e for e in read_events(tmp_path / "hang") if e["event"] == "hang"]
+    assert hang and hang[0]["phase"] == "step" and hang[0]["timeout_s"] == 4.0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_job_stops_after_restarts_without_progress(tmp_path: Path) -> None:
+    """A step that always crashes: TorchElastic restarts from the checkpoint each time; the
+    controller gives up once more than ``restarts_without_progress`` brought no new step."""
+    cfg = ElasticConfig(
+        run_dir=tmp_path / "crash",
+        worker_args=_toy("--crash-at-step", "7"),
+        nodes=2,
+        spares=0,
+        restarts_without_progress=1,
+        agent_max_restarts=10,
+    )
+    result = run_elastic_job(cfg)
+    assert not result.ok and "without progress" in result.reason, result
+    restarts = [e for e in read_events(tmp_path / "crash") if e["event"] == "restart"]
+    assert [e["restarts_without_progress"] for e in restarts][-1] == 2
+    assert all(e["resume_step"] == 6 for e in restarts)
