@@ -7,9 +7,12 @@ Telemetry never imports torch itself: it only looks at it if the trainer already
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 class SystemSampler:
@@ -25,7 +28,10 @@ class SystemSampler:
             "rss_bytes": float(self._process.memory_info().rss),
         }
         torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            out["cuda_allocated_bytes"] = float(torch.cuda.memory_allocated())
-            out["cuda_max_allocated_bytes"] = float(torch.cuda.max_memory_allocated())
+        try:
+            if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+                out["cuda_allocated_bytes"] = float(torch.cuda.memory_allocated())
+                out["cuda_max_allocated_bytes"] = float(torch.cuda.max_memory_allocated())
+        except Exception:  # a broken or stubbed CUDA runtime must not break the exporter
+            log.debug("CUDA memory gauges unavailable", exc_info=True)
         return out
