@@ -16,17 +16,21 @@ import torch
 from step_infra.data.synthetic import DIRECTIONS, ZH_DIRECTIONS
 
 
-def centroids(video: torch.Tensor, threshold: float = 0.35) -> torch.Tensor:
-    """Per-frame ``(x, y)`` centroid ``[frames, 2]`` of pixels brighter than ``threshold``.
+def centroids(video: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Per-frame ``(x, y)`` centroid ``[frames, 2]`` of pixels brighter than the background.
 
     ``video`` is ``[3, F, H, W]`` in ``[-1, 1]``; brightness is the max over channels mapped to
-    ``[0, 1]``. Frames with nothing bright get the frame centre.
+    ``[0, 1]``, the background is each frame's median brightness, and pixels more than
+    ``threshold`` above it weigh by the excess (robust to a grey, blurry decoded background).
+    Frames with nothing bright get the frame centre.
     """
     if video.dim() != 4:
         raise ValueError(
             f"video must be [channels, frames, height, width], got {tuple(video.shape)}"
         )
-    bright = ((video.float().amax(0) + 1) / 2 - threshold).clamp(min=0)  # (F, H, W)
+    level = (video.float().amax(0) + 1) / 2  # (F, H, W) brightness in [0, 1]
+    background = level.flatten(1).median(dim=1).values[:, None, None]  # the shape is small
+    bright = (level - background - threshold).clamp(min=0)
     _, h, w = bright.shape
     ys = torch.arange(h, dtype=torch.float32)[None, :, None]
     xs = torch.arange(w, dtype=torch.float32)[None, None, :]
