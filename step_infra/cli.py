@@ -85,6 +85,10 @@ from step_infra.telemetry.cli import telemetry_demo as _telemetry_demo  # noqa: 
 app.command(name="dashboard")(_telemetry_dashboard)
 app.command(name="telemetry-demo")(_telemetry_demo)
 
+from step_infra.recipes.cli import recipe as _recipe  # noqa: E402
+
+app.command(name="recipe")(_recipe)
+
 
 def main() -> None:
     """Console-script entry point."""

@@ -1,27 +1,38 @@
-"""Staged recipes (T2I -> T2VI -> T2V -> DPO -> average), the preference tool, averaging."""
+"""Staged recipes (T2I -> T2VI -> T2V -> DPO -> average), the preference tool, averaging.
 
-from step_infra.recipes.averaging import average_checkpoints
-from step_infra.recipes.stages import (
-    RecipeConfig,
-    StageConfig,
-    average,
-    dpo,
-    t2i_pretrain,
-    t2v_finetune,
-    t2vi_high,
-    t2vi_low,
-    tiny_staged_recipe,
-)
+Names are imported lazily so that ``step_infra.recipes.cli`` (loaded when the ``step-infra``
+command starts) does not pull in torch.
+"""
 
-__all__ = [
-    "RecipeConfig",
-    "StageConfig",
-    "average",
-    "average_checkpoints",
-    "dpo",
-    "t2i_pretrain",
-    "t2v_finetune",
-    "t2vi_high",
-    "t2vi_low",
-    "tiny_staged_recipe",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "average_checkpoints": "step_infra.recipes.averaging",
+    "run_recipe": "step_infra.recipes.runner",
+    **{
+        name: "step_infra.recipes.stages"
+        for name in (
+            "RecipeConfig",
+            "StageConfig",
+            "TurboConfig",
+            "average",
+            "dpo",
+            "t2i_pretrain",
+            "t2v_finetune",
+            "t2vi_high",
+            "t2vi_low",
+            "tiny_staged_recipe",
+        )
+    },
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'step_infra.recipes' has no attribute {name!r}")
