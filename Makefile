@@ -5,8 +5,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PYPROJECT_HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
-STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
+# Keyed on both files: the Makefile names the extras that get installed.
+INSTALL_HASH := $(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(INSTALL_HASH)
 # The CPU wheel of torch lies on local disk; a bare `torch` requirement would pull a CUDA build.
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
@@ -22,11 +23,11 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,text]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
