@@ -426,24 +426,38 @@ class ElasticController:
             for hb in read_heartbeats(self.run_dir)
             if hb.get("generation") == self._generation and str(hb["node"]) in active
         ]
-        # While any rank saves or loads a checkpoint, the others wait for it in their next
-        # collective: the whole job gets the checkpoint timeout, not only the saving rank.
+        if not beats:
+            return
+        for hb in beats:
+            self._last_step = max(self._last_step, int(hb["step"]))
+        # Synchronous data parallelism: one stuck rank stalls every other rank at its next
+        # collective, so the job is hung when even the *newest* heartbeat is too old. While a
+        # rank saves or loads a checkpoint the others wait for it: the checkpoint timeout
+        # applies to the whole job then, not only to the saving rank.
+        newest = max(beats, key=lambda hb: float(hb["t_unix_s"]))
         in_checkpoint = any(hb.get("phase") in ("save", "load") for hb in beats)
         limit = self.config.checkpoint_timeout_s if in_checkpoint else self.config.step_timeout_s
-        for hb in beats:
-            node = str(hb["node"])
-            self._last_step = max(self._last_step, int(hb["step"]))
-            phase = hb.get("phase", "step")
-            if now - float(hb["t_unix_s"]) > limit:
-                self.events.emit(
-                    "hang",
-                    node=node,
-                    phase=phase,
-                    silent_s=round(now - hb["t_unix_s"], 1),
-                    timeout_s=limit,
-                    step=hb["step"],
-                )
-                raise _JobError(f"node {node} silent for > {limit}s in phase {phase!r}")
+        silent = now - float(newest["t_unix_s"])
+        if silent > limit:
+            phase = "checkpoint" if in_checkpoint else "step"
+            self.events.emit(
+                "hang",
+                phase=phase,
+                silent_s=round(silent, 1),
+                timeout_s=limit,
+                step=self._last_step,
+                evidence={
+                    "heartbeats": {
+                        f"{hb['node']}/r{hb['rank']}": {
+                            "step": hb["step"],
+                            "phase": hb.get("phase"),
+                            "age_s": round(now - float(hb["t_unix_s"]), 1),
+                        }
+                        for hb in beats
+                    }
+                },
+            )
+            raise _JobError(f"job silent for {silent:.0f} s > {limit} s in phase {phase!r}")
 
 
 class _JobError(RuntimeError):

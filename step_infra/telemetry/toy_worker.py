@@ -24,16 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from step_infra.telemetry.events import EventLog
-from step_infra.telemetry.recorder import Recorder, RecorderConfig
-from step_infra.telemetry.store import ParquetStore
-from step_infra.telemetry.worker_support import (
-    WorkerEnv,
-    load_latest_checkpoint,
-    next_generation,
-    save_checkpoint,
-    write_heartbeat,
-)
+from step_infra.telemetry.session import ElasticSession
+from step_infra.telemetry.worker_support import write_heartbeat
 
 DIM = 16
 
@@ -108,44 +100,16 @@ def _parse() -> argparse.Namespace:
 def main() -> None:
     args = _parse()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    env = WorkerEnv.from_env()
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.global_batch % (args.micro_batch * world):
-        raise ValueError(
-            f"global batch {args.global_batch} is not divisible by micro_batch x world = "
-            f"{args.micro_batch} x {world}"
-        )
-    accum = args.global_batch // (args.micro_batch * world)
-    gen = torch.tensor([next_generation(env.run_dir) if rank == 0 else 0])
-    dist.broadcast(gen, src=0)
-    generation = int(gen.item())
-    events = EventLog(env.run_dir, source=f"{env.node}/rank{rank}")
-
+    session = ElasticSession.begin(global_batch=args.global_batch, micro_batch=args.micro_batch)
+    rank, world, env = session.rank, session.world_size, session.env
     model, opt = make_model()
-    write_heartbeat(env, step=-1, phase="load", generation=generation)
-    state = load_latest_checkpoint(env.run_dir)
-    start = 0
+    state = session.load()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        start = int(state["step"]) + 1
-    events.emit(
-        "worker_start",
-        node=env.node,
-        rank=rank,
-        world_size=world,
-        generation=generation,
-        restart_count=env.restart_count,
-        resume_step=start,
-        grad_accum=accum,
-        global_batch=args.global_batch,
-    )
-    cfg = RecorderConfig(
-        rank=rank, node=env.node, attempt=generation, window_steps=2, flush_interval_s=0.2
-    )
-    with Recorder(cfg, [ParquetStore(env.run_dir)]) as rec:
-        for step in range(start, args.steps):
+    with session.recorder() as rec:
+        for step in range(session.start_step, args.steps):
             rec.begin_step(step)
             if step == args.crash_at_step and rank == 0:
                 raise RuntimeError(f"injected crash at step {step}")
@@ -154,13 +118,9 @@ def main() -> None:
             with rec.section("compute"):
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                mine = list(range(rank, args.global_batch, world))  # accum micro-batches
+                mine = list(range(rank, args.global_batch, world))  # grad_accum micro-batches
                 local = accumulate(
-                    model,
-                    step,
-                    mine,
-                    micro_batch=args.micro_batch,
-                    global_batch=args.global_batch,
+                    model, step, mine, micro_batch=args.micro_batch, global_batch=args.global_batch
                 )
                 # Simulated accelerator time, stretched on a node made slow on purpose.
                 budget = args.compute_s * env.slowdown(step)
@@ -174,30 +134,16 @@ def main() -> None:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
             opt.step()
-            global_loss = float(flat[-1]) / args.global_batch
-            rec.end_step(loss=global_loss, tokens=float(args.global_batch / world))
-            if step == start and state is not None and rank == 0:
-                events.emit(
-                    "resumed",
-                    node=env.node,
-                    step=step,
-                    loss=global_loss,
-                    world_size=world,
-                    generation=generation,
-                    grad_accum=accum,
+            loss = float(flat[-1]) / args.global_batch
+            session.step_done(rec, step, loss=loss, tokens=args.global_batch / world)
+            if step % args.checkpoint_every == 0:
+                if rank == 0 and args.save_delay_s:  # a slow file system (injected)
+                    write_heartbeat(env, step=step, phase="save", generation=session.generation)
+                    time.sleep(args.save_delay_s)
+                session.checkpoint(
+                    step, {"model": model.state_dict(), "opt": opt.state_dict()}, loss=loss
                 )
-            write_heartbeat(env, step=step, phase="step", generation=generation)
-            if rank == 0 and step % args.checkpoint_every == 0:
-                write_heartbeat(env, step=step, phase="save", generation=generation)
-                time.sleep(args.save_delay_s)  # a slow file system (injected)
-                save_checkpoint(
-                    env.run_dir,
-                    step,
-                    {"model": model.state_dict(), "opt": opt.state_dict(), "step": step},
-                )
-                events.emit("checkpoint", step=step, loss=global_loss)
-    if rank == 0:
-        events.emit("worker_done", node=env.node, step=args.steps - 1, generation=generation)
+    session.done(args.steps - 1)
     dist.destroy_process_group()
 
 

@@ -1,0 +1,153 @@
+"""``ElasticSession``: the worker side of the controller's protocol, for any training loop.
+
+The elastic controller (:mod:`~step_infra.telemetry.elastic`) learns what workers do from
+four sources, all written here so a trainer cannot get them subtly wrong:
+
+* a job-wide *generation* (bumped by global rank 0 at every (re)start and broadcast), which
+  tags telemetry rows so a step re-run after a resume never mixes with its first run;
+* ``events.jsonl``: ``worker_start`` (membership, resume step, gradient accumulation),
+  ``resumed`` (first step after a restart, with its loss), ``checkpoint`` and ``worker_done``;
+* heartbeats with the current phase (``load``, ``step``, ``save``), so checkpoint phases get
+  their own timeout;
+* the telemetry store, through a :class:`Recorder` whose ``attempt`` is the generation.
+
+Usage (after ``dist.init_process_group``)::
+
+    session = ElasticSession.begin(global_batch=gb, micro_batch=mb)
+    state = session.load()              # None on a fresh start
+    with session.recorder() as rec:
+        for step in range(session.start_step, steps):
+            ...                          # rec.section("compute"), rec.collective(...)
+            session.step_done(rec, step, loss=loss, tokens=tokens)
+            if step % every == 0:
+                session.checkpoint(step, state_dict, loss=loss)
+    session.done(steps - 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from step_infra.telemetry.events import EventLog
+from step_infra.telemetry.recorder import Recorder, RecorderConfig
+from step_infra.telemetry.store import ParquetStore
+from step_infra.telemetry.worker_support import (
+    WorkerEnv,
+    load_latest_checkpoint,
+    next_generation,
+    save_checkpoint,
+    write_heartbeat,
+)
+
+
+def grad_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batches per rank that keep ``global_batch`` fixed on ``world_size`` ranks."""
+    if micro_batch < 1 or global_batch % (micro_batch * world_size):
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by micro_batch x world = "
+            f"{micro_batch} x {world_size}; pick a global batch that every allowed world "
+            "size divides"
+        )
+    return global_batch // (micro_batch * world_size)
+
+
+@dataclass(slots=True, kw_only=True)
+class ElasticSession:
+    """One worker's view of the current generation of an elastic job."""
+
+    env: WorkerEnv
+    rank: int
+    world_size: int
+    generation: int
+    grad_accum: int
+    global_batch: int
+    events: EventLog
+    start_step: int = 0
+    resumed: bool = False
+    _announced: bool = field(default=False, repr=False)
+
+    @classmethod
+    def begin(cls, *, global_batch: int, micro_batch: int) -> ElasticSession:
+        """Agree on the generation (a broadcast from rank 0); call after init_process_group."""
+        import torch
+        import torch.distributed as dist
+
+        env = WorkerEnv.from_env()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        accum = grad_accumulation(global_batch, micro_batch, world)
+        gen = torch.tensor([next_generation(env.run_dir) if rank == 0 else 0])
+        dist.broadcast(gen, src=0)
+        return cls(
+            env=env,
+            rank=rank,
+            world_size=world,
+            generation=int(gen.item()),
+            grad_accum=accum,
+            global_batch=global_batch,
+            events=EventLog(env.run_dir, source=f"{env.node}/rank{rank}"),
+        )
+
+    def load(self) -> dict[str, Any] | None:
+        """Load the latest checkpoint (``state["step"]`` = last completed step) and announce
+        this worker; sets :attr:`start_step`."""
+        write_heartbeat(self.env, step=-1, phase="load", generation=self.generation)
+        state = load_latest_checkpoint(self.env.run_dir)
+        if state is not None:
+            self.start_step = int(state["step"]) + 1
+            self.resumed = True
+        self.events.emit(
+            "worker_start",
+            node=self.env.node,
+            rank=self.rank,
+            world_size=self.world_size,
+            generation=self.generation,
+            restart_count=self.env.restart_count,
+            resume_step=self.start_step,
+            grad_accum=self.grad_accum,
+            global_batch=self.global_batch,
+        )
+        return state
+
+    def recorder(self, **overrides: Any) -> Recorder:
+        """A Recorder tagged with this rank, node and generation, writing the run's store."""
+        settings: dict[str, Any] = {"window_steps": 2, "flush_interval_s": 0.2}
+        settings.update(overrides)
+        cfg = RecorderConfig(
+            rank=self.rank, node=self.env.node, attempt=self.generation, **settings
+        )
+        return Recorder(cfg, [ParquetStore(self.env.run_dir)])
+
+    def step_done(
+        self, rec: Recorder, step: int, *, loss: float, tokens: float | None = None
+    ) -> None:
+        """Close the step in the recorder, heartbeat, and report the first resumed step."""
+        rec.end_step(loss=loss, tokens=tokens)
+        if self.resumed and not self._announced and self.rank == 0:
+            self.events.emit(
+                "resumed",
+                node=self.env.node,
+                step=step,
+                loss=loss,
+                world_size=self.world_size,
+                generation=self.generation,
+                grad_accum=self.grad_accum,
+            )
+        self._announced = True
+        write_heartbeat(self.env, step=step, phase="step", generation=self.generation)
+
+    def checkpoint(self, step: int, state: dict[str, Any], *, loss: float) -> None:
+        """Rank 0 saves ``state`` (plus ``step``) atomically; others return at once."""
+        if self.rank != 0:
+            return
+        write_heartbeat(self.env, step=step, phase="save", generation=self.generation)
+        save_checkpoint(self.env.run_dir, step, {**state, "step": step})
+        self.events.emit("checkpoint", step=step, loss=loss)
+        write_heartbeat(self.env, step=step, phase="step", generation=self.generation)
+
+    def done(self, last_step: int) -> None:
+        """Tell the controller the job finished (rank 0)."""
+        if self.rank == 0:
+            self.events.emit(
+                "worker_done", node=self.env.node, step=last_step, generation=self.generation
+            )
