@@ -201,6 +201,12 @@ class Recorder:
         """``with rec.collective("grad_allreduce"): dist.all_reduce(t)``: arrival + wait."""
         return _Collective(self, self._name(name))
 
+    def record_arrival(self, name: str, *, arrived_unix_s: float, wait_s: float) -> None:
+        """Record a collective timed elsewhere: arrival time (wall clock) and time waited."""
+        self._buf.append(
+            (Kind.ARRIVAL, self._name(name), self._step, float(wait_s), int(arrived_unix_s * 1e9))
+        )
+
     def record_section(self, name: str, seconds: float) -> None:
         """Record a section timed elsewhere (another timer, a profiler, a simulation)."""
         self._buf.append(
@@ -218,7 +224,12 @@ class Recorder:
         if not self._sinks:
             return
         if self._thread is None or self._pid != os.getpid():
-            self._pid = os.getpid()  # a forked child starts its own exporter thread
+            if self._pid != os.getpid():
+                # A forked child: the parent's thread did not survive the fork and its lock
+                # may have been held at that instant; start afresh.
+                self._pid = os.getpid()
+                self._export_lock = threading.Lock()
+                self._stop = threading.Event()
             self._stop.clear()
             self._thread = threading.Thread(
                 target=self._run, name=f"telemetry-export-r{self.config.rank}", daemon=True

@@ -33,6 +33,7 @@ def write_simulated_run(
     """Append ``steps`` of telemetry for ``ranks`` ranks to ``run_dir``; return ``run_dir``."""
     run_dir = Path(run_dir)
     rng = np.random.default_rng(seed + steps.start)
+    t_origin = 1.7e9  # a fixed wall-clock origin shared by all simulated ranks
     for rank in range(ranks):
         cfg = RecorderConfig(
             rank=rank,
@@ -51,6 +52,12 @@ def write_simulated_run(
                     compute += seconds if name != "data" else 0.0
                     rec.record_section(name, seconds)
                 rec.record_section("compute", compute)
+                # Every rank starts the step together; it reaches the gradient all-reduce
+                # after its compute, and waits there for the slowest rank (not simulated).
+                step_start = t_origin + step * 0.2
+                rec.record_arrival(
+                    "grad_allreduce", arrived_unix_s=step_start + compute, wait_s=0.0
+                )
                 rec.end_step(
                     loss=2.0 * float(np.exp(-step / 40.0)) + 0.01 * float(rng.normal()),
                     tokens=4096.0,

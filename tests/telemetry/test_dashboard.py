@@ -40,6 +40,10 @@ def test_summary_names_the_straggler(tmp_path: Path) -> None:
     slow = [r for r in data["ranks"] if r["straggler"]]
     assert [r["rank"] for r in slow] == [5]
     assert slow[0]["slowdown"] == pytest.approx(0.3, abs=0.06)
+    # The slow rank reaches the all-reduce last: about 30 % of its ~96 ms compute late.
+    late = {r["rank"]: r["late_ms"] for r in data["ranks"]}
+    assert max(late, key=late.get) == 5
+    assert 20 < late[5] < 40 and all(v < 12 for r, v in late.items() if r != 5)
     assert data["heatmap"]["metric"] == "compute" and len(data["heatmap"]["steps"]) == 40
     # "compute" encloses fwd/bwd/optimizer: the stacked breakdown leaves it out.
     assert set(data["sections"]["names"]) == {"data", "fwd", "bwd", "optimizer"}

@@ -164,3 +164,24 @@ def test_unexported_recorder_stays_bounded_and_counts_drops() -> None:
     assert stats["dropped"] == total - capacity
     assert late - early < 64 * 1024, f"memory grew by {late - early} bytes after the buffer filled"
     assert peak < 8 * 1024 * 1024
+
+
+def _child_exports(rec: Recorder, sink: ListSink) -> None:
+    _steps(rec, 4)
+    deadline = time.monotonic() + 5
+    while len(sink.windows) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    raise SystemExit(0 if len(sink.windows) == 2 else 1)
+
+
+def test_a_forked_child_gets_its_own_exporter_thread() -> None:
+    import multiprocessing
+
+    sink = ListSink()
+    rec = Recorder(RecorderConfig(window_steps=2, flush_interval_s=0.05), [sink])
+    _steps(rec, 2)  # the parent's exporter thread is running before the fork
+    child = multiprocessing.get_context("fork").Process(target=_child_exports, args=(rec, sink))
+    child.start()
+    child.join(timeout=20)
+    assert child.exitcode == 0, "the child's windows were never exported"
+    rec.close()

@@ -35,6 +35,22 @@ def _per_step(df: pd.DataFrame, name: str, *, how: str = "mean") -> dict[str, li
     return {"step": [int(s) for s in series.index], "value": _clean(series.to_numpy())}
 
 
+def arrival_lateness(df: pd.DataFrame) -> pd.DataFrame:
+    """How late each member reaches each collective, vs the first member to arrive.
+
+    Columns: attempt, step, name (the collective), member, lateness_s. The straggler is the
+    member that arrives last (and waits least): a section ending in the collective would
+    show the same duration on every rank, its arrival time does not. Arrival times are wall
+    clocks, so across hosts this assumes synchronised clocks (NTP/PTP, well under a step).
+    """
+    arr = df[df["kind"] == "arrival"]
+    if arr.empty:
+        return pd.DataFrame(columns=["attempt", "step", "name", "member", "lateness_s"])
+    first = arr.groupby(["attempt", "step", "name"])["t_unix_s"].transform("min")
+    out = arr.assign(lateness_s=arr["t_unix_s"] - first)
+    return out[["attempt", "step", "name", "member", "lateness_s"]]
+
+
 def summarize_run(run_dir: str | Path, *, straggler_threshold: float = 0.1) -> dict[str, Any]:
     """The dashboard's data for ``run_dir`` (works while the run is still writing)."""
     run_dir = Path(run_dir)
@@ -74,6 +90,8 @@ def summarize_run(run_dir: str | Path, *, straggler_threshold: float = 0.1) -> d
     slow_targets = {str(e.get("target")) for e in detections if e.get("level") != "node"}
     evicted = {e.get("node") for e in events if e.get("event") == "eviction"}
     members = df.drop_duplicates("member").set_index("member")
+    late = arrival_lateness(df)
+    late_by_member = late.groupby("member")["lateness_s"].apply(lambda v: v.tail(20).mean())
     ranks = []
     for member in pivot.index:
         row = members.loc[member]
@@ -91,6 +109,9 @@ def summarize_run(run_dir: str | Path, *, straggler_threshold: float = 0.1) -> d
                 or node in slow_targets
                 or (not math.isnan(slow) and slow - 1.0 >= straggler_threshold),
                 "evicted": node in evicted,
+                "late_ms": None
+                if member not in late_by_member.index
+                else round(1e3 * float(late_by_member[member]), 2),
             }
         )
     out["ranks"] = ranks

@@ -114,7 +114,8 @@ function renderRanks(ranks) {
     if (r.evicted) badges.push('<span class="badge evicted">EVICTED</span>');
     if (!r.evicted && r.active) badges.push('<span class="badge ok">active</span>');
     if (!r.active && !r.evicted) badges.push('<span class="badge spare">left</span>');
-    tr.innerHTML = `<td>${r.rank}</td><td>${r.node}</td><td>${pct}</td><td>${badges.join(" ")}</td>`;
+    const late = r.late_ms === null || r.late_ms === undefined ? "" : r.late_ms.toFixed(1) + " ms";
+    tr.innerHTML = `<td>${r.rank}</td><td>${r.node}</td><td>${pct}</td><td>${late}</td><td>${badges.join(" ")}</td>`;
     body.appendChild(tr);
   }
 }
