@@ -178,3 +178,23 @@ def test_job_stops_after_restarts_without_progress(tmp_path: Path) -> None:
     restarts = [e for e in read_events(tmp_path / "crash") if e["event"] == "restart"]
     assert [e["restarts_without_progress"] for e in restarts][-1] == 2
     assert all(e["resume_step"] == 6 for e in restarts)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_detect_only_policy_logs_but_keeps_the_slow_node(tmp_path: Path) -> None:
+    cfg = ElasticConfig(
+        run_dir=tmp_path / "detect",
+        worker_args=_toy(steps=40),
+        nodes=3,
+        spares=1,
+        policy="detect",
+        slow="node1:12:1.3",
+    )
+    result = run_elastic_job(cfg)
+    assert result.ok and result.evicted == [] and result.joined == [] and result.restarts == 0
+    events = read_events(tmp_path / "detect")
+    detections = [e for e in events if e["event"] == "detection"]
+    assert [d["node"] for d in detections] == ["node1"]
+    assert not [e for e in events if e["event"] in ("eviction", "join", "restart")]
