@@ -5,7 +5,8 @@ sigma = 0.05, i.e. about 5 % jitter), independent across ranks and steps. In eac
 trial one random rank becomes 15 % slower (x1.15) at the first step after warm-up; the
 trial passes when the detector names that rank within 10 steps. The false-detection run has
 no slow rank at all for 1,000 steps x 64 ranks (repeated over a few seeds for margin).
-One window = one step here, the detector's finest granularity.
+One window = one step here, the detector's finest granularity. A third check slows all 8
+ranks of one node by 15 % and requires one node-level detection naming that node.
 
     python benchmarks/telemetry_detection.py --json runs/bench/telemetry_detection.json
 """
@@ -46,6 +47,30 @@ def _trial(
     return False, None, wrong
 
 
+def _node_trial(
+    rng: np.random.Generator,
+    cfg: DetectorConfig,
+    *,
+    ranks: int,
+    sigma: float,
+    slowdown: float,
+    horizon: int,
+    per_node: int = 8,
+) -> bool:
+    """All ranks of one node slowed: the detection must name the node, not its ranks."""
+    det = StragglerDetector(cfg, nodes={r: f"node{r // per_node}" for r in range(ranks)})
+    node = int(rng.integers(ranks // per_node))
+    onset = cfg.warmup_windows
+    for step in range(onset + horizon):
+        times = 0.1 * np.exp(rng.normal(0.0, sigma, ranks))
+        if step >= onset:
+            times[node * per_node : (node + 1) * per_node] *= slowdown
+        found = det.observe(step, dict(enumerate(times)))
+        if found:
+            return [(d.level, d.target) for d in found] == [("node", f"node{node}")]
+    return False
+
+
 def _false_run(seed: int, cfg: DetectorConfig, *, ranks: int, sigma: float, steps: int) -> int:
     rng = np.random.default_rng(seed)
     det = StragglerDetector(cfg, nodes={r: f"node{r // 8}" for r in range(ranks)})
@@ -80,6 +105,10 @@ def main() -> None:
         if ok and latency is not None:
             latencies.append(latency)
             detected_in_time += latency <= within
+    node_ok = sum(
+        _node_trial(rng, cfg, ranks=ranks, sigma=sigma, slowdown=slowdown, horizon=3 * within)
+        for _ in range(trials // 4)
+    )
     false_counts = [
         _false_run(1000 + s, cfg, ranks=ranks, sigma=sigma, steps=steps) for s in range(false_seeds)
     ]
@@ -94,6 +123,8 @@ def main() -> None:
         "latency_steps_median": float(np.median(latencies)) if latencies else None,
         "latency_steps_max": int(max(latencies)) if latencies else None,
         "wrong_rank_detections_in_trials": wrong_in_trials,
+        "node_attribution_trials": trials // 4,
+        "node_attribution_rate": node_ok / (trials // 4),
         "false_detection_steps": steps,
         "false_detection_seeds": false_seeds,
         "false_detections_first_seed": false_counts[0],
@@ -114,6 +145,8 @@ def main() -> None:
         "latency_steps_median",
         "latency_steps_max",
         "wrong_rank_detections_in_trials",
+        "node_attribution_trials",
+        "node_attribution_rate",
         "false_detection_steps",
         "false_detections_first_seed",
         "false_detections_all_seeds",

@@ -40,7 +40,7 @@ class DetectorConfig:
     min_effect: float = 0.05  # and be at least this much slower than the peer median
     persist_k: int = 2
     persist_n: int = 3
-    node_fraction: float = 0.99  # fraction of a node's ranks flagged to blame the node
+    node_fraction: float = 0.75  # fraction of a node's ranks slow to blame the node
     mad_floor: float = 0.005  # spread (of log values) never taken below this
     min_members: int = 3
 
@@ -153,10 +153,14 @@ class StragglerDetector:
         out: list[Detection] = []
         slow_nodes = set()
         for node, node_members in by_node.items():
-            # A node is blamed once one of its ranks is persistent and (nearly) all of them
-            # have been flagged recently: ranks of one slow host cross the line a window or
-            # two apart, and the first must not be reported alone.
-            suspect = [m for m in node_members if any(self._flags.get(m, ()))]
+            # A node is blamed once one of its ranks is persistent and most of them are slow
+            # (flagged recently, or at least min_effect slower now): ranks of one slow host
+            # cross the line a window or two apart, and the first must not be reported alone.
+            suspect = [
+                m
+                for m in node_members
+                if any(self._flags.get(m, ())) or effects[index[m]] >= self.config.min_effect
+            ]
             if (
                 len(node_members) > 1
                 and any(m in persistent for m in node_members)
