@@ -19,19 +19,21 @@ and it writes every detection, eviction, restart and join to ``events.jsonl``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from step_infra.telemetry.agents import (
+    Agent,
+    AgentLaunch,
+    rendezvous_store,
+    start_agent,
+    stop_agent,
+)
 from step_infra.telemetry.detector import DetectorConfig, StragglerDetector
 from step_infra.telemetry.events import EventLog, read_events
 from step_infra.telemetry.feed import StepFeed
@@ -100,24 +102,6 @@ class ElasticResult:
     wall_s: float = 0.0
 
 
-@dataclass(slots=True)
-class _Agent:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_file: IO[bytes]
-    spare: bool
-    evicted: bool = False
-
-
-def _free_store() -> Any:
-    import torch.distributed as dist
-
-    # port=0: the OS picks a free port; the controller is the store's only host.
-    return dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
-    )
-
-
 class ElasticController:
     """Owns the rendezvous store and the agents of one job; :meth:`run` drives it."""
 
@@ -130,7 +114,7 @@ class ElasticController:
         self.detector = StragglerDetector(config.detector)
         self.feed = StepFeed(section=config.section)
         self.tail = StoreTail(self.run_dir)
-        self.agents: dict[str, _Agent] = {}
+        self.agents: dict[str, Agent] = {}
         self._store: Any = None
         self._events_seen = 0
         self._generation = 0
@@ -143,67 +127,29 @@ class ElasticController:
         self.result = ElasticResult(ok=False, reason="not run")
 
     # --------------------------------------------------------------- agents
-    def _agent_cmd(self, port: int) -> list[str]:
-        c = self.config
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nnodes={c.nodes}:{c.nodes}",
-            f"--nproc-per-node={c.nproc_per_node}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            f"--rdzv-id={self.run_dir.name}",
-            "--rdzv-conf",
-            "is_host=false,join_timeout=600,last_call_timeout=1",
-            f"--max-restarts={c.agent_max_restarts}",
-            "--monitor-interval=0.5",
-            *c.worker_args,
-        ]
-
     def _start_agent(self, name: str, port: int, *, spare: bool) -> None:
-        env = dict(os.environ)
-        env.update(self.config.extra_env)
-        env.update(
-            {
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                RUN_DIR_ENV: str(self.run_dir.resolve()),
-                NODE_ENV: name,
-                "PYTHONUNBUFFERED": "1",
-            }
+        c = self.config
+        launch = AgentLaunch(
+            nodes=c.nodes,
+            nproc_per_node=c.nproc_per_node,
+            rdzv_port=port,
+            rdzv_id=self.run_dir.name,
+            max_restarts=c.agent_max_restarts,
+            worker_args=c.worker_args,
         )
-        if self.config.slow:
-            env[SLOW_ENV] = self.config.slow
-        logs = self.run_dir / "logs"
-        logs.mkdir(exist_ok=True)
-        log_file = (logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            self._agent_cmd(port),
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: eviction stops agent + workers
-        )
-        self.agents[name] = _Agent(name=name, proc=proc, log_file=log_file, spare=spare)
-        self.events.emit("agent_start", node=name, pid=proc.pid, spare=spare)
-
-    def _stop_agent(self, agent: _Agent, *, grace_s: float = 5.0) -> None:
-        if agent.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(agent.proc.pid, signal.SIGTERM)
-            try:
-                agent.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(agent.proc.pid, signal.SIGKILL)
-                agent.proc.wait(timeout=grace_s)
-        agent.log_file.close()
+        env = dict(c.extra_env)
+        env.update({RUN_DIR_ENV: str(self.run_dir.resolve()), NODE_ENV: name})
+        if c.slow:
+            env[SLOW_ENV] = c.slow
+        agent = start_agent(name, launch, env=env, log_dir=self.run_dir / "logs", spare=spare)
+        self.agents[name] = agent
+        self.events.emit("agent_start", node=name, pid=agent.proc.pid, spare=spare)
 
     # ----------------------------------------------------------------- loop
     def run(self) -> ElasticResult:
         c = self.config
         t_start = time.monotonic()
-        self._store = _free_store()
+        self._store = rendezvous_store()
         port = int(self._store.port)
         self.events.emit(
             "job_start",
@@ -224,7 +170,7 @@ class ElasticController:
             self.result = ElasticResult(ok=False, reason=str(exc))
         finally:
             for agent in self.agents.values():
-                self._stop_agent(agent)
+                stop_agent(agent)
             self.result.wall_s = round(time.monotonic() - t_start, 2)
             self.events.emit(
                 "job_end",
@@ -344,7 +290,7 @@ class ElasticController:
         self.events.emit(
             "eviction", node=node, reason=reason, evidence=evidence, last_step=self._last_step
         )
-        self._stop_agent(agent)
+        stop_agent(agent)
         self._members.pop(node, None)
         self._restarting_since = time.time()
 

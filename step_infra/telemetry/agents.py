@@ -1,0 +1,105 @@
+"""TorchElastic agents as the controller sees them: start one per node, stop one to evict.
+
+The recipe verified on this machine (DESIGN.md): the controller hosts the c10d rendezvous
+store (:func:`rendezvous_store`), agents join it with ``is_host=false`` and
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``. Each agent runs in its own process group, so
+stopping it (SIGTERM, then SIGKILL after a grace period) also stops its workers, and nothing
+else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentLaunch:
+    """What every agent of one job gets on its ``torchrun`` command line."""
+
+    nodes: int
+    nproc_per_node: int
+    rdzv_port: int
+    rdzv_id: str
+    max_restarts: int
+    worker_args: Sequence[str]
+    rdzv_host: str = "127.0.0.1"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={self.nodes}:{self.nodes}",
+            f"--nproc-per-node={self.nproc_per_node}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.rdzv_host}:{self.rdzv_port}",
+            f"--rdzv-id={self.rdzv_id}",
+            "--rdzv-conf",
+            "is_host=false,join_timeout=600,last_call_timeout=1",
+            f"--max-restarts={self.max_restarts}",
+            "--monitor-interval=0.5",
+            *self.worker_args,
+        ]
+
+
+@dataclass(slots=True)
+class Agent:
+    """One running ``torchrun`` agent (a node, or a hot spare waiting for a place)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_file: IO[bytes]
+    spare: bool
+    evicted: bool = False
+
+
+def rendezvous_store(host: str = "127.0.0.1") -> Any:
+    """A c10d ``TCPStore`` hosted by the caller on a free port (read it from ``.port``)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(
+        host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+    )
+
+
+def start_agent(
+    name: str, launch: AgentLaunch, *, env: Mapping[str, str], log_dir: Path, spare: bool
+) -> Agent:
+    """Start the agent of node ``name``; its output goes to ``log_dir/<name>.log``."""
+    full_env = dict(os.environ)
+    full_env.update(env)
+    full_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    full_env["PYTHONUNBUFFERED"] = "1"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (log_dir / f"{name}.log").open("ab")
+    proc = subprocess.Popen(
+        launch.command(),
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopping it stops its workers
+    )
+    return Agent(name=name, proc=proc, log_file=log_file, spare=spare)
+
+
+def stop_agent(agent: Agent, *, grace_s: float = 5.0) -> None:
+    """Stop ``agent`` and its workers: SIGTERM to its process group, SIGKILL if it lingers."""
+    if agent.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.proc.pid, signal.SIGTERM)
+        try:
+            agent.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.proc.pid, signal.SIGKILL)
+            agent.proc.wait(timeout=grace_s)
+    agent.log_file.close()
