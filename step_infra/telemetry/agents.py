@@ -32,6 +32,13 @@ class AgentLaunch:
     max_restarts: int
     worker_args: Sequence[str]
     rdzv_host: str = "127.0.0.1"
+    # A stopped agent leaves the rendezvous only once its keep-alives are missed: the next
+    # round waits about keep_alive_s x keep_alive_misses for it. Detection to first resumed
+    # step in benchmarks/telemetry_elastic.py on this machine: torch's default 5 s x 3 took
+    # 18.9 s, 1 s x 5 took 12.0 s, 1 s x 3 took 9.0 s (too few misses risks dropping a
+    # live agent on a loaded host).
+    keep_alive_s: float = 1.0
+    keep_alive_misses: int = 5
 
     def command(self) -> list[str]:
         return [
@@ -44,7 +51,8 @@ class AgentLaunch:
             f"--rdzv-endpoint={self.rdzv_host}:{self.rdzv_port}",
             f"--rdzv-id={self.rdzv_id}",
             "--rdzv-conf",
-            "is_host=false,join_timeout=600,last_call_timeout=1",
+            "is_host=false,join_timeout=600,last_call_timeout=1,"
+            f"keep_alive_interval={self.keep_alive_s:g},keep_alive_max_attempt={self.keep_alive_misses}",
             f"--max-restarts={self.max_restarts}",
             "--monitor-interval=0.5",
             *self.worker_args,

@@ -70,6 +70,8 @@ class ElasticConfig:
     )
     section: str = "compute"  # the compute-only section the detector compares
     agent_max_restarts: int = 5  # torchrun --max-restarts
+    rdzv_keep_alive_s: float = 1.0  # an evicted agent is dropped from the rendezvous after
+    rdzv_keep_alive_misses: int = 5  # ... this many missed keep-alives
     restarts_without_progress: int = 3  # give up after this many restarts with no new step
     step_timeout_s: float = 60.0  # no heartbeat in a "step" phase for this long: a hang
     checkpoint_timeout_s: float = 300.0  # ... in a "save"/"load" phase
@@ -136,6 +138,8 @@ class ElasticController:
             rdzv_id=self.run_dir.name,
             max_restarts=c.agent_max_restarts,
             worker_args=c.worker_args,
+            keep_alive_s=c.rdzv_keep_alive_s,
+            keep_alive_misses=c.rdzv_keep_alive_misses,
         )
         env = dict(c.extra_env)
         env.update({RUN_DIR_ENV: str(self.run_dir.resolve()), NODE_ENV: name})
