@@ -26,6 +26,7 @@ class AgentLaunch:
     """What every agent of one job gets on its ``torchrun`` command line."""
 
     nodes: int
+    min_nodes: int
     nproc_per_node: int
     rdzv_port: int
     rdzv_id: str
@@ -38,6 +39,8 @@ class AgentLaunch:
     # 18.9 s, 1 s x 5 took 12.0 s, 1 s x 3 took 9.0 s (too few misses risks dropping a
     # live agent on a loaded host).
     keep_alive_s: float = 1.0
+    # Once min_nodes have joined, a round waits this long for more (up to nodes).
+    last_call_s: float = 1.0
     keep_alive_misses: int = 5
 
     def command(self) -> list[str]:
@@ -45,13 +48,13 @@ class AgentLaunch:
             sys.executable,
             "-m",
             "torch.distributed.run",
-            f"--nnodes={self.nodes}:{self.nodes}",
+            f"--nnodes={self.min_nodes}:{self.nodes}",
             f"--nproc-per-node={self.nproc_per_node}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={self.rdzv_host}:{self.rdzv_port}",
             f"--rdzv-id={self.rdzv_id}",
             "--rdzv-conf",
-            "is_host=false,join_timeout=600,last_call_timeout=1,"
+            f"is_host=false,join_timeout=600,last_call_timeout={self.last_call_s:g},"
             f"keep_alive_interval={self.keep_alive_s:g},keep_alive_max_attempt={self.keep_alive_misses}",
             f"--max-restarts={self.max_restarts}",
             "--monitor-interval=0.5",

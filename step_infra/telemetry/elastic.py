@@ -4,8 +4,8 @@ Recipe (DESIGN.md, "Verified on this machine"): the controller process hosts the
 rendezvous ``TCPStore`` itself, because if an agent hosted it, evicting that agent would kill
 the job. Every node is one ``torchrun`` agent started with ``--rdzv-conf is_host=false`` and
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (without it the second rendezvous round hangs on
-``MASTER_ADDR``). ``nodes + spares`` agents start for ``--nnodes=nodes:nodes``; the extra
-ones wait in the rendezvous. Evicting a node stops its agent (the whole process group); the
+``MASTER_ADDR``). ``nodes + spares`` agents start for ``--nnodes=min_nodes:nodes``; the
+extra ones wait in the rendezvous. Evicting a node stops its agent (the whole process group); the
 survivors' workers fail their next collective, their agents restart them, and a waiting
 spare takes the free place. Workers resume from the latest checkpoint and keep the global
 batch by recomputing gradient accumulation. A spare that never got a place would crash when
@@ -53,6 +53,8 @@ class ElasticConfig:
     run_dir: Path
     worker_args: Sequence[str] = TOY_WORKER  # after ``python``: "-m module ..." or "script"
     nodes: int = 3
+    min_nodes: int | None = None  # None: = nodes. Below nodes, an eviction without a spare
+    # shrinks the job (gradient accumulation grows to keep the global batch).
     spares: int = 1
     nproc_per_node: int = 1
     policy: str = "evict"  # "evict" or "detect"
@@ -72,6 +74,9 @@ class ElasticConfig:
     agent_max_restarts: int = 5  # torchrun --max-restarts
     rdzv_keep_alive_s: float = 1.0  # an evicted agent is dropped from the rendezvous after
     rdzv_keep_alive_misses: int = 5  # ... this many missed keep-alives
+    # With min_nodes < nodes a round closes this long after min_nodes joined: long enough
+    # for agents started together to all make the first round.
+    rdzv_last_call_s: float = 5.0
     restarts_without_progress: int = 3  # give up after this many restarts with no new step
     step_timeout_s: float = 60.0  # no heartbeat in a "step" phase for this long: a hang
     checkpoint_timeout_s: float = 300.0  # ... in a "save"/"load" phase
@@ -88,6 +93,14 @@ class ElasticConfig:
                 f"spares={self.spares}, nproc_per_node={self.nproc_per_node}"
             )
         make_policy(self.policy)  # validates the name
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ValueError(
+                f"min_nodes must be between 1 and nodes={self.nodes}, got {self.min_nodes}"
+            )
+
+    @property
+    def min_size(self) -> int:
+        return self.nodes if self.min_nodes is None else self.min_nodes
 
 
 @dataclass(slots=True, kw_only=True)
@@ -111,7 +124,11 @@ class ElasticController:
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.policy = policy or make_policy(config.policy, max_evictions=config.max_evictions)
+        self.policy = policy or make_policy(
+            config.policy,
+            max_evictions=config.max_evictions,
+            require_spare=config.min_size == config.nodes,
+        )
         self.events = EventLog(self.run_dir, source="controller")
         self.detector = StragglerDetector(config.detector)
         self.feed = StepFeed(section=config.section)
@@ -133,6 +150,7 @@ class ElasticController:
         c = self.config
         launch = AgentLaunch(
             nodes=c.nodes,
+            min_nodes=c.min_size,
             nproc_per_node=c.nproc_per_node,
             rdzv_port=port,
             rdzv_id=self.run_dir.name,
@@ -140,6 +158,7 @@ class ElasticController:
             worker_args=c.worker_args,
             keep_alive_s=c.rdzv_keep_alive_s,
             keep_alive_misses=c.rdzv_keep_alive_misses,
+            last_call_s=c.rdzv_last_call_s if c.min_size < c.nodes else 1.0,
         )
         env = dict(c.extra_env)
         env.update({RUN_DIR_ENV: str(self.run_dir.resolve()), NODE_ENV: name})

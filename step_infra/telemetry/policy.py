@@ -79,10 +79,10 @@ class Evict:
         return out
 
 
-def make_policy(name: str, *, max_evictions: int = 1) -> EvictionPolicy:
+def make_policy(name: str, *, max_evictions: int = 1, require_spare: bool = True) -> EvictionPolicy:
     """``"detect"`` or ``"evict"`` (the ``--eviction`` option of ``step-infra train``)."""
     if name == "detect":
         return DetectOnly()
     if name == "evict":
-        return Evict(max_evictions=max_evictions)
+        return Evict(max_evictions=max_evictions, require_spare=require_spare)
     raise ValueError(f"eviction policy must be 'detect' or 'evict', got {name!r}")

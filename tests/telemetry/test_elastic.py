@@ -198,3 +198,35 @@ def test_detect_only_policy_logs_but_keeps_the_slow_node(tmp_path: Path) -> None
     detections = [e for e in events if e["event"] == "detection"]
     assert [d["node"] for d in detections] == ["node1"]
     assert not [e for e in events if e["event"] in ("eviction", "join", "restart")]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_without_a_spare_the_job_shrinks_and_keeps_the_global_batch(tmp_path: Path) -> None:
+    """nodes=3, min_nodes=2, no spare: the slow node is evicted and training goes on with 2
+    ranks, 3 micro-batches each instead of 2, and the same loss curve."""
+    steps = 35
+    cfg = ElasticConfig(
+        run_dir=tmp_path / "shrink",
+        worker_args=_toy(steps=steps),
+        nodes=3,
+        min_nodes=2,
+        spares=0,
+        slow="node1:12:1.3",
+    )
+    result = run_elastic_job(cfg)
+    assert result.ok and result.evicted == ["node1"] and result.joined == [], result
+    restart = next(e for e in read_events(tmp_path / "shrink") if e["event"] == "restart")
+    assert restart["world_size"] == 2 and restart["grad_accum"] == 3
+    df = read_store(tmp_path / "shrink")
+    loss = df[(df["name"] == "loss") & (df["rank"] == 0)]
+    after = loss[loss["attempt"] == loss["attempt"].max()]
+    reference = reference_losses(steps)
+    for step, value in zip(after["step"], after["value"], strict=True):
+        assert value == pytest.approx(reference[step], rel=1e-4, abs=1e-6), step
+
+
+def test_min_nodes_is_validated() -> None:
+    with pytest.raises(ValueError, match="min_nodes must be between 1 and nodes=3, got 4"):
+        ElasticConfig(run_dir=Path("x"), nodes=3, min_nodes=4)
