@@ -126,6 +126,7 @@ class Recorder:
         self._export_lock = threading.Lock()
         self._sampler = SystemSampler() if config.system_metrics else None
         self.windows_exported = 0
+        self.export_cpu_s = 0.0  # CPU time the exporter side spent (aggregation + sinks)
         self.export_errors = 0
         self.pending_dropped = 0
         self._thread: threading.Thread | None = None
@@ -252,17 +253,24 @@ class Recorder:
     def _export(self, *, final: bool) -> int:
         """Export every complete window (all pending records when ``final``); return count."""
         with self._export_lock:
-            self._collect()
-            windows = self._cut_windows(final=final)
-            for window in windows:
-                for sink in self._sinks:
-                    try:
-                        sink.write_window(window)
-                    except Exception:
-                        self.export_errors += 1
-                        log.exception("telemetry sink %r failed; window dropped", sink)
-                self.windows_exported += 1
-            return len(windows)
+            cpu0 = time.thread_time()
+            try:
+                return self._export_locked(final=final)
+            finally:
+                self.export_cpu_s += time.thread_time() - cpu0
+
+    def _export_locked(self, *, final: bool) -> int:
+        self._collect()
+        windows = self._cut_windows(final=final)
+        for window in windows:
+            for sink in self._sinks:
+                try:
+                    sink.write_window(window)
+                except Exception:
+                    self.export_errors += 1
+                    log.exception("telemetry sink %r failed; window dropped", sink)
+            self.windows_exported += 1
+        return len(windows)
 
     def _cut_windows(self, *, final: bool) -> list[Window]:
         pending = self._pending
@@ -336,5 +344,6 @@ class Recorder:
             "buffered": len(self._buf) + len(self._pending),
             "windows_exported": self.windows_exported,
             "export_errors": self.export_errors,
+            "export_cpu_s": round(self.export_cpu_s, 6),
             "names_folded": self.names_folded,
         }
