@@ -59,9 +59,14 @@ def telemetry_demo(
     slow_at: Annotated[int, typer.Option(help="Step at which node1 becomes slow.")] = 15,
     factor: Annotated[float, typer.Option(help="How much slower node1 becomes.")] = 1.3,
     eviction: Annotated[str, typer.Option(help="'evict' or 'detect'.")] = "evict",
+    spares: Annotated[int, typer.Option(help="Hot-spare agents waiting to join.")] = 1,
+    min_nodes: Annotated[
+        int, typer.Option(help="Smallest job size (below 3: an eviction may shrink the job).")
+    ] = 3,
 ) -> None:
-    """Run a tiny elastic job (3 torchrun agents + 1 hot spare, gloo) with one node made slow:
-    watch it get detected, evicted and replaced, then read the story and the report."""
+    """Run a tiny elastic job (3 torchrun agents + hot spares, gloo) with one node made slow:
+    watch it get detected, evicted and replaced (or the job shrink, with --spares 0
+    --min-nodes 2), then read the story and the report."""
     import shutil
 
     from step_infra.telemetry.dashboard import render_report
@@ -75,9 +80,13 @@ def telemetry_demo(
         run_dir=run_dir,
         worker_args=(*TOY_WORKER, "--steps", str(steps), "--compute-s", "0.1"),
         policy=eviction,
+        spares=spares,
+        min_nodes=min_nodes,
         slow=f"node1:{slow_at}:{factor}",
     )
-    console.print(f"3 agents + 1 spare; node1 becomes {factor}x slower at step {slow_at} ...")
+    console.print(
+        f"3 agents + {spares} spare(s); node1 becomes {factor}x slower at step {slow_at} ..."
+    )
     result = run_elastic_job(cfg)
     for ev in read_events(run_dir):
         if ev["source"] == "controller" and ev["event"] != "agent_start":
