@@ -86,6 +86,7 @@ def test_prometheus_endpoint_serves_metrics() -> None:
 
 
 def test_otlp_without_package_says_how_to_install() -> None:
+    """Only meaningful where the [otlp] extra is absent; skips otherwise."""
     try:
         import opentelemetry.exporter.otlp.proto.grpc  # noqa: F401
     except ImportError:
@@ -101,3 +102,47 @@ def test_without_provider_otel_sink_is_a_no_op() -> None:
     with Recorder(RecorderConfig(window_steps=2), [OTelSink()]) as rec:
         _run(rec, 4)
     assert rec.windows_exported == 2 and rec.export_errors == 0
+
+
+@pytest.mark.integration
+def test_otlp_exporter_sends_window_aggregates_to_a_collector() -> None:
+    """A minimal in-process OTLP/gRPC collector receives the metrics (needs the [otlp] extra)."""
+    pytest.importorskip(
+        "opentelemetry.exporter.otlp.proto.grpc",
+        reason="OTLP exporter not installed: pip install 'step-infra[otlp]'",
+    )
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.metrics.v1 import (
+        metrics_service_pb2,
+        metrics_service_pb2_grpc,
+    )
+
+    received: list[str] = []
+
+    class Collector(metrics_service_pb2_grpc.MetricsServiceServicer):
+        def Export(self, request, context):  # type: ignore[no-untyped-def]
+            for rm in request.resource_metrics:
+                for sm in rm.scope_metrics:
+                    received.extend(m.name for m in sm.metrics)
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        tp = make_meter_provider(
+            OTelConfig(otlp_endpoint=f"http://127.0.0.1:{port}", otlp_interval_s=60.0),
+            rank=0,
+            node="n0",
+            run="t",
+        )
+        with Recorder(RecorderConfig(window_steps=2), [OTelSink(tp.provider)]) as rec:
+            _run(rec, 4)
+        tp.shutdown()  # flushes the periodic reader: one export to the collector
+    finally:
+        server.stop(grace=None)
+    assert "step_infra_section_seconds" in received
+    assert "step_infra_step_seconds" in received
