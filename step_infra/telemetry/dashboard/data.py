@@ -51,10 +51,16 @@ def arrival_lateness(df: pd.DataFrame) -> pd.DataFrame:
     return out[["attempt", "step", "name", "member", "lateness_s"]]
 
 
-def summarize_run(run_dir: str | Path, *, straggler_threshold: float = 0.1) -> dict[str, Any]:
-    """The dashboard's data for ``run_dir`` (works while the run is still writing)."""
+def summarize_run(
+    run_dir: str | Path, *, straggler_threshold: float = 0.1, rows: pd.DataFrame | None = None
+) -> dict[str, Any]:
+    """The dashboard's data for ``run_dir`` (works while the run is still writing).
+
+    ``rows`` are the store's rows when the caller already holds them (the live server reads
+    only new parts on each refresh); by default the whole store is read.
+    """
     run_dir = Path(run_dir)
-    df = read_store(run_dir)
+    df = read_store(run_dir) if rows is None else rows
     events = read_events(run_dir)
     out: dict[str, Any] = {
         "run": run_dir.name,

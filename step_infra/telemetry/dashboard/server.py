@@ -18,7 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from step_infra.telemetry.dashboard.data import summarize_run
+from step_infra.telemetry.store import StoreTail
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +32,28 @@ def static_text(name: str) -> str:
 
 
 class _Cache:
+    """The summary JSON, rebuilt at most every ``refresh_s``; the store is read incrementally
+    (only parts written since the last refresh), so a long run does not re-read everything."""
+
     def __init__(self, run_dir: Path, refresh_s: float) -> None:
         self.run_dir = run_dir
         self.refresh_s = refresh_s
         self._lock = threading.Lock()
         self._at = 0.0
         self._body = b""
+        self._tail = StoreTail(run_dir)
+        self._rows: pd.DataFrame | None = None
 
     def get(self) -> bytes:
         with self._lock:
             if not self._body or time.monotonic() - self._at >= self.refresh_s:
-                self._body = json.dumps(summarize_run(self.run_dir)).encode()
+                new = self._tail.poll()
+                if self._rows is None or self._rows.empty:
+                    self._rows = new
+                elif not new.empty:
+                    self._rows = pd.concat([self._rows, new], ignore_index=True)
+                summary = summarize_run(self.run_dir, rows=self._rows)
+                self._body = json.dumps(summary).encode()
                 self._at = time.monotonic()
             return self._body
 
