@@ -74,9 +74,14 @@ def demo(
     run_dir: str = typer.Option("runs/demo", help="Where the demo writes its outputs."),
 ) -> None:
     """Run the main job end to end on embedded defaults and print where the outputs went."""
-    from step_infra.demo import run_demo
+    from step_infra.demo import DemoStageError, run_demo
 
-    run_demo(run_dir, console=Console())
+    console = Console()
+    try:
+        run_demo(run_dir, console=console)
+    except DemoStageError as exc:
+        console.print(f"[red]demo failed:[/] {exc}")
+        raise typer.Exit(1) from exc
 
 
 from step_infra.telemetry.cli import dashboard as _telemetry_dashboard  # noqa: E402

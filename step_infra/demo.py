@@ -1,7 +1,8 @@
 """``step-infra demo``: the main job end to end on embedded defaults.
 
-It runs every stage that exists so far, in the order the real job uses them, and writes
-each stage's output into the run directory so a newcomer can see what happened.
+Runs every stage that exists, in the order the real job uses them, each writing into its own
+folder of the run directory, and ends with a summary of where everything went. A failed stage
+stops the demo with a non-zero exit, so `make demo` never reports success it did not have.
 """
 
 from __future__ import annotations
@@ -9,37 +10,75 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
 from step_infra.doctor import probe_environment
 
+Stage = Callable[[Path, Console], dict[str, str]]
 
-def run_demo(run_dir: str | Path, *, console: Console) -> Path:
-    """Run the demo stages into ``run_dir`` and return the path of its summary file."""
-    out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
 
-    console.rule("1. environment")
+class DemoStageError(RuntimeError):
+    """A demo stage ran but did not reach its goal."""
+
+
+def stage_environment(out: Path, console: Console) -> dict[str, str]:
+    """Probe the stack: what this machine can run."""
     probes = probe_environment()
     for probe in probes:
         mark = "ok" if probe.ok else ("MISSING" if probe.required else "absent")
         console.print(f"  {probe.name:<20} {mark:<8} {probe.detail}")
-    env_path = out / "environment.json"
-    env_path.write_text(json.dumps([dataclasses.asdict(p) for p in probes], indent=2))
+    path = out / "environment.json"
+    path.write_text(json.dumps([dataclasses.asdict(p) for p in probes], indent=2))
+    return {"environment": str(path)}
 
-    outputs: dict[str, str] = {"environment": str(env_path)}
+
+def stage_eviction(out: Path, console: Console) -> dict[str, str]:
+    """StepTelemetry: 3 torchrun agents + 1 hot spare, one node slowed 30%, evicted, replaced."""
+    from step_infra.telemetry.story import run_eviction_story
+
+    run_dir = out / "telemetry"
+    result, report = run_eviction_story(run_dir, console=console)
+    if not result.ok or not result.evicted or not result.joined:
+        raise DemoStageError(
+            f"eviction story did not complete: {result.reason}, evicted {result.evicted}, "
+            f"joined {result.joined} (logs in {run_dir / 'logs'})"
+        )
+    return {"telemetry run": str(run_dir), "telemetry report": str(report)}
+
+
+STAGES: tuple[tuple[str, Stage], ...] = (
+    ("environment", stage_environment),
+    ("straggler eviction (StepTelemetry + TorchElastic)", stage_eviction),
+)
+
+
+def run_demo(
+    run_dir: str | Path, *, console: Console, stages: tuple[tuple[str, Stage], ...] = STAGES
+) -> Path:
+    """Run ``stages`` into ``run_dir`` and return the path of its ``summary.json``."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    outputs: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for index, (title, stage) in enumerate(stages, start=1):
+        console.rule(f"{index}. {title}")
+        t0 = time.perf_counter()
+        outputs.update(stage(out, console))
+        timings[title] = round(time.perf_counter() - t0, 2)
     summary = {
-        "stages": list(outputs),
+        "stages": [title for title, _ in stages],
+        "stage_wall_s": timings,
         "outputs": outputs,
         "wall_s": round(time.perf_counter() - started, 2),
     }
     summary_path = out / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
     console.rule("done")
-    console.print(f"outputs written to [bold]{out.resolve()}[/]")
-    for stage, path in outputs.items():
-        console.print(f"  {stage:<14} {path}")
+    console.print(f"outputs written to [bold]{out.resolve()}[/] in {summary['wall_s']} s")
+    for name, path in outputs.items():
+        console.print(f"  {name:<20} {path}")
     return summary_path

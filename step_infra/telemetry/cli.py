@@ -67,37 +67,17 @@ def telemetry_demo(
     """Run a tiny elastic job (3 torchrun agents + hot spares, gloo) with one node made slow:
     watch it get detected, evicted and replaced (or the job shrink, with --spares 0
     --min-nodes 2), then read the story and the report."""
-    import shutil
+    from step_infra.telemetry.story import run_eviction_story
 
-    from step_infra.telemetry.dashboard import render_report
-    from step_infra.telemetry.elastic import TOY_WORKER, ElasticConfig, run_elastic_job
-    from step_infra.telemetry.events import read_events
-
-    console = Console()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    cfg = ElasticConfig(
-        run_dir=run_dir,
-        worker_args=(*TOY_WORKER, "--steps", str(steps), "--compute-s", "0.1"),
-        policy=eviction,
+    result, _ = run_eviction_story(
+        run_dir,
+        console=Console(),
+        steps=steps,
+        slow_at=slow_at,
+        factor=factor,
+        eviction=eviction,
         spares=spares,
         min_nodes=min_nodes,
-        slow=f"node1:{slow_at}:{factor}",
     )
-    console.print(
-        f"3 agents + {spares} spare(s); node1 becomes {factor}x slower at step {slow_at} ..."
-    )
-    result = run_elastic_job(cfg)
-    for ev in read_events(run_dir):
-        if ev["source"] == "controller" and ev["event"] != "agent_start":
-            detail = {k: v for k, v in ev.items() if k not in ("t_unix_s", "source", "evidence")}
-            console.print(f"  [bold]{ev['event']:<10}[/] {detail}")
-    report = render_report(run_dir)
-    colour = "green" if result.ok else "red"
-    console.print(
-        f"[{colour}]{result.reason}[/]: evicted {result.evicted}, joined {result.joined}, "
-        f"detection -> first resumed step {result.detection_to_resume_s} s, wall {result.wall_s} s"
-    )
-    console.print(f"report: [bold]{report}[/]; live view: step-infra dashboard {run_dir}")
     if not result.ok:
         raise typer.Exit(1)
