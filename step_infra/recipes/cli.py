@@ -21,8 +21,8 @@ def recipe(
     scale: float = typer.Option(
         1.0, help="Multiply every stage's step count (0.1 for a smoke run)."
     ),
-    eval_prompts: int = typer.Option(96, help="Prompts per language for the motion check."),
-    turbo: bool = typer.Option(True, help="Also distil an 8-step Turbo student at the end."),
+    eval_prompts: int = typer.Option(48, help="Prompts per language for the motion check."),
+    turbo: bool = typer.Option(False, help="Also distil an 8-step Turbo student at the end."),
     threads: int = typer.Option(2, help="torch CPU threads."),
 ) -> None:
     """Train VAE -> T2I -> T2VI low -> T2VI high -> T2V -> DPO -> average on synthetic clips."""
@@ -39,9 +39,9 @@ def recipe(
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = dataclasses.replace(tiny_staged_recipe(scale=scale), eval_prompts=eval_prompts)
-    if not turbo:
-        config = dataclasses.replace(config, turbo=None)
+    config = dataclasses.replace(
+        tiny_staged_recipe(scale=scale, turbo=turbo), eval_prompts=eval_prompts
+    )
     results = run_recipe(config, run_dir)
     console = Console()
     table = Table(title=f"recipe {config.name}: {results['seconds']} s")

@@ -26,6 +26,7 @@ from step_infra.models.dit import DiT, build_dit
 from step_infra.models.text import TextEncoders
 from step_infra.models.vae import VideoVAE, psnr
 from step_infra.recipes.averaging import average_checkpoints
+from step_infra.recipes.media import write_gif
 from step_infra.recipes.preference import build_preference_pairs
 from step_infra.recipes.stages import RecipeConfig, StageConfig, TurboConfig
 from step_infra.train.dpo import diffusion_dpo_loss
@@ -84,6 +85,7 @@ class Pipeline:
             return self.vae(video, generator=g)[1]
 
         losses = train(self.vae, loss_fn, self.recipe.vae_optim)
+        torch.save(self.vae.state_dict(), self.dir / "checkpoints" / "vae.pt")
         held_out = SyntheticClips(
             dataclasses.replace(self.recipe.data, seed=self.recipe.seed + 99, num_clips=64)
         )
@@ -212,6 +214,7 @@ class Pipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int = 12345,
+        label: str = "",
     ) -> dict[str, float]:
         """Motion-check accuracy of generated clips, English and Chinese prompts."""
         out = {}
@@ -220,6 +223,9 @@ class Pipeline:
             z = self.sample(model, caps, seed, steps=steps, guidance=guidance)
             assert isinstance(z, torch.Tensor)
             videos = self.decode(z)
+            if label:
+                for i in range(min(4, len(caps))):
+                    write_gif(videos[i], self.dir / "samples" / f"{label}-{lang}-{i}.gif")
             out[f"motion_acc_{lang}"] = motion_accuracy(videos, caps)
         out["motion_acc"] = (out["motion_acc_en"] + out["motion_acc_zh"]) / 2
         return out
@@ -265,7 +271,9 @@ class Pipeline:
         ]  # balanced over directions; DPO uses its own seeds, never the evaluation seed
         pairs, samples = build_preference_pairs(
             prompts,
-            generate=lambda p, seed: self._latent(reference, p, 1000 + seed, 20),
+            generate=lambda p, seed: self._latent(
+                reference, p, 1000 + seed, stage.dpo_sample_steps
+            ),
             decode=lambda z: self.decode(z / self.latent_scale),
             out_dir=self.dir / "preference",
             candidates=stage.dpo_candidates,
@@ -321,18 +329,22 @@ def run_recipe(
         if stage.kind == "flow":
             r = pipe.flow_stage(stage)
         elif stage.kind == "dpo":
-            results["before_dpo"] = pipe.evaluate(pipe.model)
+            results["before_dpo"] = pipe.evaluate(pipe.model, label="before_dpo")
+            log.info("motion check before_dpo: %s", results["before_dpo"])
             r = pipe.dpo_stage(stage)
-            results["after_dpo"] = pipe.evaluate(pipe.model)
+            results["after_dpo"] = pipe.evaluate(pipe.model, label="after_dpo")
+            log.info("motion check after_dpo: %s", results["after_dpo"])
         else:
             r = pipe.average_stage(stage, previous)
-            results["after_average"] = pipe.evaluate(pipe.model)
+            results["after_average"] = pipe.evaluate(pipe.model, label="after_average")
+            log.info("motion check after_average: %s", results["after_average"])
         r["seconds"] = round(time.perf_counter() - ts, 1)
         results["stages"][stage.name] = r
         log.info("stage %s: %s", stage.name, r)
         previous = stage.name
     if "before_dpo" not in results:
-        results["final"] = pipe.evaluate(pipe.model)
+        results["final"] = pipe.evaluate(pipe.model, label="final")
+        log.info("motion check final: %s", results["final"])
     if recipe.turbo is not None:
         ts = time.perf_counter()
         results["turbo"] = pipe.turbo(recipe.turbo)

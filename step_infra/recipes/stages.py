@@ -31,6 +31,7 @@ class StageConfig:
     dpo_beta: float = 2000.0
     dpo_prompts: int = 96  # prompts the preference tool samples pairs for
     dpo_candidates: int = 4  # samples per prompt; best and worst form the pair
+    dpo_sample_steps: int = 20  # Euler steps for the candidates
     average_last: int = 4  # "average": how many of the previous stage's checkpoints
 
     def __post_init__(self) -> None:
@@ -120,6 +121,8 @@ def dpo(
         kind="dpo",
         batch=16,
         dpo_beta=beta,
+        dpo_prompts=64,
+        dpo_sample_steps=15,
         caption_dropout=0.0,
         optim=OptimConfig(steps=steps, lr=lr, warmup_steps=5, checkpoint_every=checkpoint_every),
     )
@@ -132,8 +135,12 @@ def average(*, last: int = 4) -> StageConfig:
     )
 
 
-def tiny_staged_recipe(*, scale: float = 1.0, seed: int = 0) -> RecipeConfig:
-    """The CPU recipe: tiny VAE, ``tiny-dit``, every stage. ``scale`` multiplies step counts."""
+def tiny_staged_recipe(*, scale: float = 1.0, seed: int = 0, turbo: bool = False) -> RecipeConfig:
+    """The CPU recipe: tiny VAE, ``tiny-dit``, every stage. ``scale`` multiplies step counts.
+
+    Sized to finish well inside 15 minutes on two (shared) CPU cores; ``turbo=True`` adds the
+    few-step distillation after averaging (a few more minutes).
+    """
 
     def s(n: int) -> int:
         return max(10, int(n * scale))
@@ -145,13 +152,17 @@ def tiny_staged_recipe(*, scale: float = 1.0, seed: int = 0) -> RecipeConfig:
         vae_optim=OptimConfig(steps=s(400), lr=5e-4, warmup_steps=20),
         dit_preset="tiny-dit",
         stages=(
-            t2i_pretrain(steps=s(300)),
+            t2i_pretrain(steps=s(250)),
             t2vi_low(steps=s(300)),
-            t2vi_high(steps=s(500)),
+            t2vi_high(steps=s(400)),
             t2v_finetune(steps=s(200), checkpoint_every=max(1, s(200) // 4)),
-            dpo(steps=s(120), checkpoint_every=max(1, s(120) // 4)),
+            dpo(steps=s(100), checkpoint_every=max(1, s(100) // 4)),
             average(last=4),
         ),
-        turbo=TurboConfig(pairs=256, optim=OptimConfig(steps=s(200), lr=3e-4, warmup_steps=5)),
+        sampling=SamplingConfig(steps=20, guidance=4.0),
+        turbo=TurboConfig(pairs=192, optim=OptimConfig(steps=s(150), lr=3e-4, warmup_steps=5))
+        if turbo
+        else None,
+        eval_prompts=48,
         seed=seed,
     )

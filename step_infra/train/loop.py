@@ -140,6 +140,9 @@ def loss_drop(losses: list[float], fraction: float = 0.2) -> tuple[float, float]
 
 def infinite(indices: int, batch: int, seed: int) -> Iterator[list[int]]:
     """Endless shuffled mini-batches of ``range(indices)``, deterministic by ``seed``."""
+    if indices < 1 or batch < 1:
+        raise ValueError(f"need indices >= 1 and batch >= 1, got indices={indices}, batch={batch}")
+    batch = min(batch, indices)
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(indices, generator=g).tolist()
