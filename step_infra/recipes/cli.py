@@ -63,4 +63,5 @@ def recipe(
         t = results["turbo"]
         for key in ("teacher_50_steps_cfg", "teacher_8_steps_cfg", "student_8_steps_no_cfg"):
             console.print(f"turbo {key}: {json.dumps(t[key])}")
+        console.print(f"turbo latent RMSE vs teacher@50: {json.dumps(t['rel_rmse_vs_teacher_50'])}")
     console.print(f"results: {run_dir}/results.json")

@@ -257,7 +257,23 @@ class Pipeline:
 
         losses = train(self.model, loss_fn, config.optim)
         first, last = loss_drop(losses)
+        # Distance to the 50-step teacher from the same noise (held-out seed), in latent RMS.
+        caps_eval = eval_captions(self.recipe.eval_prompts, "en")
+        ref = self.sample(teacher, caps_eval, 777, steps=config.teacher_steps)
+        few = self.sample(teacher, caps_eval, 777, steps=config.student_steps)
+        student = self.sample(self.model, caps_eval, 777, steps=config.student_steps, guidance=1.0)
+        assert isinstance(ref, torch.Tensor) and isinstance(few, torch.Tensor)
+        assert isinstance(student, torch.Tensor)
+        scale = float(ref.square().mean().sqrt())
+
+        def rel_rmse(z: torch.Tensor) -> float:
+            return float((z - ref).square().mean().sqrt()) / scale
+
         return {
+            "rel_rmse_vs_teacher_50": {
+                "teacher_8_steps_cfg": rel_rmse(few),
+                "student_8_steps_no_cfg": rel_rmse(student),
+            },
             "loss_first": first, "loss_last": last,
             "teacher_50_steps_cfg": self.evaluate(teacher, steps=config.teacher_steps),
             "teacher_8_steps_cfg": self.evaluate(teacher, steps=config.student_steps),
