@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,9 @@ class Pipeline:
         video = self.scaled(stage.size, stage.frames)
         image = self.scaled(stage.size, 1) if stage.image_fraction > 0 else video
         batches = infinite(
-            video[0].shape[0], stage.batch, self.recipe.seed + hash(stage.name) % 1000
+            video[0].shape[0],
+            stage.batch,
+            self.recipe.seed + zlib.crc32(stage.name.encode()) % 1000,
         )
 
         def loss_fn(step: int) -> torch.Tensor:
