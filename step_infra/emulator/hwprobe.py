@@ -1,0 +1,385 @@
+"""Measure this machine (matmul, attention, memory, loopback and gloo) into a hardware profile.
+
+Predictions for a local job are only real predictions if the rates in ``ClusterSpec`` are this
+machine's, not a datasheet's. The probe times, with torch on the default device (CPU here, a
+GPU where there is one):
+
+- matmuls of several shapes -> the peak (asymptote) and the fitted
+  ``gemm_eff_max``/``gemm_half_dim`` of its achievable-rate curve;
+- fused attention (``scaled_dot_product_attention``) at several sequence lengths -> ``attn_eff``;
+- a large tensor copy -> memory bandwidth (``hbm_gb_s``);
+- TCP loopback between two threads -> link bandwidth and latency, and optionally a two-process
+  gloo all-reduce -> the fraction of that a real collective reaches (``comm_eff``).
+
+The profile is JSON with ``gpu`` and ``cluster`` tables whose keys are the fields of
+``GPUSpec``/``ClusterSpec`` (only the fields those classes have are written, so the profile
+keeps loading if they grow), plus the raw ``measurements``. Load it with
+``ClusterSpec.from_profile(path)``. Each figure is a median of repeats: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The achievable-attention curve of the time model uses these fixed knees
+# (``rate = peak * attn_eff / (1 + 128 / seq_q + 32 / head_dim)``); the probe inverts it.
+_ATTN_SEQ_KNEE = 128.0
+_ATTN_HEAD_KNEE = 32.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeConfig:
+    """What to measure and for how long (``quick`` keeps the whole probe well under 60 s)."""
+
+    gemm_dims: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    gemm_tokens: int = 2048
+    attn_seqs: tuple[int, ...] = (128, 512, 1024)
+    attn_heads: int = 4
+    head_dim: int = 32
+    copy_mb: int = 256
+    loopback_mb: int = 64
+    repeats: int = 5
+    min_time_s: float = 0.05
+    gloo: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.min_time_s <= 0:
+            raise ValueError(
+                f"repeats must be >= 1 and min_time_s > 0, got {self.repeats}, {self.min_time_s}"
+            )
+        if not self.gemm_dims or min(self.gemm_dims) < 1:
+            raise ValueError(f"gemm_dims must be positive sizes, got {self.gemm_dims}")
+
+
+def quick_config(*, gloo: bool = True, threads: int | None = None) -> ProbeConfig:
+    """Smaller sizes and fewer repeats: a few seconds of measurement."""
+    return ProbeConfig(
+        gemm_dims=(64, 128, 256, 512),
+        gemm_tokens=1024,
+        attn_seqs=(128, 512),
+        copy_mb=128,
+        loopback_mb=32,
+        repeats=3,
+        min_time_s=0.03,
+        gloo=gloo,
+        threads=threads,
+    )
+
+
+def _time_call(fn: Callable[[], object], *, repeats: int, min_time_s: float) -> float:
+    """Median seconds per call; each repeat runs the call enough times to last ``min_time_s``."""
+    fn()  # warm up (allocations, kernel selection)
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, math.ceil(min_time_s / once))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def measure_matmul(cfg: ProbeConfig) -> list[dict[str, float]]:
+    """TFLOP/s of ``(tokens x d) @ (d x 4d)`` and ``(tokens x 4d) @ (4d x d)``-like GEMMs: the
+    transformer's MLP shapes, with ``d`` the per-rank width (``hidden / tp``)."""
+    import torch
+
+    rows = []
+    for d in cfg.gemm_dims:
+        a = torch.randn(cfg.gemm_tokens, d)
+        b = torch.randn(d, 4 * d)
+        sec = _time_call(
+            functools.partial(torch.matmul, a, b), repeats=cfg.repeats, min_time_s=cfg.min_time_s
+        )
+        flops = 2.0 * cfg.gemm_tokens * d * 4 * d
+        rows.append({"tokens": cfg.gemm_tokens, "dim": d, "tflops": flops / sec / 1e12})
+    return rows
+
+
+def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
+    """TFLOP/s of ``scaled_dot_product_attention`` forward (``4 b h s^2 d`` FLOPs, no mask)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for s in cfg.attn_seqs:
+        q, k, v = (torch.randn(1, cfg.attn_heads, s, cfg.head_dim) for _ in range(3))
+        sec = _time_call(
+            functools.partial(F.scaled_dot_product_attention, q, k, v),
+            repeats=cfg.repeats,
+            min_time_s=cfg.min_time_s,
+        )
+        flops = 4.0 * cfg.attn_heads * s * s * cfg.head_dim
+        rows.append({"seq": s, "head_dim": cfg.head_dim, "tflops": flops / sec / 1e12})
+    return rows
+
+
+def measure_memory_bandwidth_gb_s(cfg: ProbeConfig) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written)."""
+    import torch
+
+    n = cfg.copy_mb * 2**20 // 4
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    sec = _time_call(lambda: dst.copy_(src), repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    return 2 * src.numel() * 4 / sec / 1e9
+
+
+def measure_loopback(cfg: ProbeConfig) -> dict[str, float]:
+    """TCP over 127.0.0.1 between two threads: one-way bandwidth (GB/s) and latency (us, half a
+    1-byte round trip). Binds a free port; every socket has a timeout."""
+    payload = b"x" * (cfg.loopback_mb * 2**20)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(30)
+        port = server.getsockname()[1]
+        received: dict[str, float] = {}
+
+        def sink() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(30)
+                # Latency: echo 1-byte pings.
+                for _ in range(200):
+                    conn.sendall(conn.recv(1))
+                got = 0
+                while got < len(payload):
+                    chunk = conn.recv(1 << 20)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                received["bytes"] = got
+                conn.sendall(b"k")
+
+        th = threading.Thread(target=sink, daemon=True)
+        th.start()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rtts = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                c.sendall(b"p")
+                c.recv(1)
+                rtts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            c.sendall(payload)
+            c.recv(1)
+            sec = time.perf_counter() - t0
+        th.join(timeout=30)
+    if received.get("bytes") != len(payload):
+        raise RuntimeError(
+            f"loopback probe lost data: {received.get('bytes')} of {len(payload)} bytes"
+        )
+    return {"gb_s": len(payload) / sec / 1e9, "latency_us": statistics.median(rtts) / 2 * 1e6}
+
+
+_GLOO_WORKER = """
+import os, sys, time, json, statistics
+import torch, torch.distributed as dist
+rank, port, mb = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=__import__("datetime").timedelta(seconds=60))
+big, small = torch.ones(mb * 2**20 // 4), torch.ones(1)
+for _ in range(2):
+    dist.all_reduce(big)
+lat = []
+for _ in range(50):
+    t0 = time.perf_counter(); dist.all_reduce(small); lat.append(time.perf_counter() - t0)
+bw = []
+for _ in range(3):
+    t0 = time.perf_counter(); dist.all_reduce(big); bw.append(time.perf_counter() - t0)
+if rank == 0:
+    print(json.dumps({"allreduce_s": statistics.median(bw), "small_s": statistics.median(lat),
+                      "bytes": big.numel() * 4}))
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure_gloo_allreduce(cfg: ProbeConfig, *, timeout_s: float = 90.0) -> dict[str, float]:
+    """Two gloo processes on this machine: all-reduce bus bandwidth (GB/s, the ring's
+    ``2 (n-1)/n x bytes / time``) and per-hop latency (us). Both processes are ours and are
+    killed by PID if they outlive ``timeout_s``."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _GLOO_WORKER, str(r), str(port), str(cfg.loopback_mb)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout_s)
+            if p.returncode:
+                raise RuntimeError(f"gloo probe rank exited {p.returncode}: {err.strip()[-400:]}")
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    res = json.loads(outs[0].strip().splitlines()[-1])
+    n = 2
+    busbw = 2 * (n - 1) / n * res["bytes"] / res["allreduce_s"] / 1e9
+    return {"busbw_gb_s": busbw, "latency_us": res["small_s"] / (2 * (n - 1)) * 1e6}
+
+
+def fit_gemm_curve(rows: list[dict[str, float]]) -> tuple[float, float]:
+    """Fit ``rate = rate_max / (1 + half_dim / d + half_dim / tokens)`` (the time model's GEMM
+    curve) to measured rates by least squares in log space; returns (rate_max TFLOP/s, half_dim).
+
+    A machine has no datasheet peak here, so the fitted asymptote is the profile's peak and
+    ``gemm_eff_max`` is 1: the curve, not a guessed peak, carries the measurement.
+    """
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    d = np.array([r["dim"] for r in rows], dtype=float)
+    t = np.array([r["tokens"] for r in rows], dtype=float)
+    y = np.array([r["tflops"] for r in rows], dtype=float)
+    top = float(y.max())
+
+    def resid(x: np.ndarray) -> np.ndarray:
+        rate_max, half = x
+        return np.log(rate_max / (1 + half / d + half / t)) - np.log(y)
+
+    sol = least_squares(resid, x0=[top * 1.2, 32.0], bounds=([top * 0.5, 0.0], [top * 100, 1e5]))
+    return float(sol.x[0]), float(sol.x[1])
+
+
+def attention_efficiency(rows: list[dict[str, float]], peak_tflops: float) -> float:
+    """``attn_eff`` that makes the time model's attention curve pass through the median row."""
+    effs = [
+        r["tflops"]
+        / peak_tflops
+        * (1 + _ATTN_SEQ_KNEE / r["seq"] + _ATTN_HEAD_KNEE / r["head_dim"])
+        for r in rows
+    ]
+    return float(statistics.median(effs))
+
+
+def build_profile(
+    measurements: dict[str, Any], *, name: str, ranks_per_node: int = 1
+) -> dict[str, Any]:
+    """Turn raw measurements into ``{"gpu": ..., "cluster": ..., "measurements": ...}``.
+
+    The peak is the asymptote of the fitted GEMM curve (there is no datasheet for a CPU);
+    efficiencies are relative to it. Link bandwidth inside and between "nodes" is the loopback one: every rank of
+    a local job is on this machine. ``comm_eff`` is gloo bus bandwidth over raw loopback.
+    """
+    from step_infra.emulator.specs import ClusterSpec, GPUSpec
+
+    mm = measurements["matmul"]
+    peak, half = fit_gemm_curve(mm)
+    loop = measurements["loopback"]
+    gloo = measurements.get("gloo")
+    comm_eff = min(1.0, gloo["busbw_gb_s"] / loop["gb_s"]) if gloo else 0.5
+    latency = gloo["latency_us"] if gloo else loop["latency_us"]
+    gpu_values: dict[str, Any] = {
+        "name": name,
+        "peak_tflops_bf16": peak,
+        "peak_tflops_fp8": peak,
+        "hbm_gb": measurements["memory_gb"],
+        "hbm_gb_s": measurements["memory_gb_s"],
+        "nvlink_gb_s": loop["gb_s"],
+        "source": f"step-infra calibrate, measured {measurements['when']} on {measurements['host']}",
+        "gemm_eff_max": 1.0,
+        "gemm_half_dim": half,
+        "attn_eff": attention_efficiency(measurements["attention"], peak),
+        "fp8_gemm_eff_max": 1.0,
+        "comm_eff": comm_eff,
+    }
+    cluster_values: dict[str, Any] = {
+        "gpus_per_node": ranks_per_node,
+        "nic_gb_s": loop["gb_s"],
+        "nvlink_latency_us": latency,
+        "nic_latency_us": latency,
+    }
+    gpu_fields = {f.name for f in dataclasses.fields(GPUSpec)}
+    cluster_fields = {f.name for f in dataclasses.fields(ClusterSpec)} - {"gpu", "nodes"}
+    return {
+        "gpu": {k: v for k, v in gpu_values.items() if k in gpu_fields},
+        "cluster": {k: v for k, v in cluster_values.items() if k in cluster_fields},
+        "measurements": measurements,
+    }
+
+
+def probe(cfg: ProbeConfig | None = None) -> dict[str, Any]:
+    """Run every measurement and return them raw (see :func:`build_profile`)."""
+    import psutil
+    import torch
+
+    cfg = cfg or ProbeConfig()
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {
+            "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "host": platform.node(),
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "matmul": measure_matmul(cfg),
+            "attention": measure_attention(cfg),
+            "memory_gb_s": measure_memory_bandwidth_gb_s(cfg),
+            "memory_gb": psutil.virtual_memory().total / 1e9,
+            "loopback": measure_loopback(cfg),
+        }
+        if cfg.gloo:
+            out["gloo"] = measure_gloo_allreduce(cfg)
+        out["probe_s"] = time.perf_counter() - t0
+        return out
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def calibrate(
+    out_path: str | Path,
+    *,
+    cfg: ProbeConfig | None = None,
+    name: str = "local-cpu",
+    ranks_per_node: int = 1,
+) -> dict[str, Any]:
+    """Measure, build the profile, write it as JSON to ``out_path`` and return it."""
+    profile = build_profile(probe(cfg), name=name, ranks_per_node=ranks_per_node)
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile, indent=2, sort_keys=True) + "\n")
+    log.info("wrote hardware profile %s", path)
+    return profile

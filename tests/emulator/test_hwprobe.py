@@ -1,0 +1,99 @@
+"""Hardware probe: the curve fit recovers known parameters, profiles load into ClusterSpec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from step_infra.emulator.hwprobe import (
+    ProbeConfig,
+    attention_efficiency,
+    build_profile,
+    calibrate,
+    fit_gemm_curve,
+    measure_gloo_allreduce,
+    measure_loopback,
+)
+from step_infra.emulator.specs import ClusterSpec
+
+
+def _curve(d: float, t: float, rate_max: float = 2.0, half: float = 100.0) -> float:
+    return rate_max / (1 + half / d + half / t)
+
+
+def _measurements() -> dict:
+    return {
+        "when": "2026-01-01T00:00:00Z",
+        "host": "test",
+        "matmul": [
+            {"tokens": 2048, "dim": d, "tflops": _curve(d, 2048)} for d in (64, 128, 256, 512, 1024)
+        ],
+        # attn_eff 0.25 of the 2.0 peak at head_dim 32: rate = 0.5 / (1 + 128/s + 1)
+        "attention": [
+            {"seq": s, "head_dim": 32, "tflops": 0.5 / (2 + 128 / s)} for s in (128, 512, 1024)
+        ],
+        "memory_gb_s": 30.0,
+        "memory_gb": 16.0,
+        "loopback": {"gb_s": 4.0, "latency_us": 10.0},
+        "gloo": {"busbw_gb_s": 1.0, "latency_us": 40.0},
+    }
+
+
+def test_fit_recovers_known_curve() -> None:
+    rows = _measurements()["matmul"]
+    rate_max, half = fit_gemm_curve(rows)
+    assert rate_max == pytest.approx(2.0, rel=1e-3)
+    assert half == pytest.approx(100.0, rel=1e-3)
+    assert attention_efficiency(_measurements()["attention"], 2.0) == pytest.approx(0.25)
+
+
+def test_profile_loads_into_cluster_spec(tmp_path: Path) -> None:
+    profile = build_profile(_measurements(), name="unit-cpu", ranks_per_node=2)
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(profile))
+    cluster = ClusterSpec.from_profile(path)
+    g = cluster.gpu
+    assert g.name == "unit-cpu"
+    assert g.peak_tflops_bf16 == pytest.approx(2.0, rel=1e-3)
+    assert g.hbm_gb_s == 30.0 and g.nvlink_gb_s == 4.0
+    assert g.comm_eff == pytest.approx(0.25)  # gloo 1.0 GB/s over 4.0 GB/s raw loopback
+    assert cluster.gpus_per_node == 2
+    assert cluster.nvlink_latency_us == 40.0
+
+
+def test_loopback_measures_positive_rates() -> None:
+    res = measure_loopback(ProbeConfig(loopback_mb=4))
+    assert res["gb_s"] > 0.01
+    assert 0 < res["latency_us"] < 100_000
+
+
+def test_quick_probe_writes_loadable_profile(tmp_path: Path) -> None:
+    cfg = ProbeConfig(
+        gemm_dims=(32, 64, 128),
+        gemm_tokens=256,
+        attn_seqs=(64, 128),
+        copy_mb=8,
+        loopback_mb=4,
+        repeats=2,
+        min_time_s=0.005,
+        gloo=False,
+    )
+    profile = calibrate(tmp_path / "p.json", cfg=cfg)
+    assert len(profile["measurements"]["matmul"]) == 3
+    cluster = ClusterSpec.from_profile(tmp_path / "p.json")
+    assert cluster.gpu.peak_tflops_bf16 > 0
+    assert cluster.gpu.hbm_gb_s > 0
+
+
+@pytest.mark.integration
+def test_gloo_allreduce_two_processes() -> None:
+    res = measure_gloo_allreduce(ProbeConfig(loopback_mb=2), timeout_s=90)
+    assert res["busbw_gb_s"] > 0.001
+    assert res["latency_us"] > 0
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        ProbeConfig(repeats=0)
