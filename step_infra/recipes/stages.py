@@ -28,7 +28,7 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=100))
     flow: FlowConfig = field(default_factory=FlowConfig)
     caption_dropout: float = 0.1
-    dpo_beta: float = 2000.0
+    dpo_beta: float = 200.0
     dpo_prompts: int = 96  # prompts the preference tool samples pairs for
     dpo_candidates: int = 4  # samples per prompt; best and worst form the pair
     dpo_sample_steps: int = 20  # Euler steps for the candidates
@@ -113,7 +113,7 @@ def t2v_finetune(*, steps: int = 200, lr: float = 5e-4, checkpoint_every: int = 
 
 
 def dpo(
-    *, steps: int = 150, lr: float = 2e-4, beta: float = 2000.0, checkpoint_every: int = 30
+    *, steps: int = 100, lr: float = 5e-5, beta: float = 200.0, checkpoint_every: int = 25
 ) -> StageConfig:
     """Diffusion-DPO on pairs the preference tool builds from the fine-tuned model."""
     return StageConfig(
@@ -121,7 +121,7 @@ def dpo(
         kind="dpo",
         batch=16,
         dpo_beta=beta,
-        dpo_prompts=64,
+        dpo_prompts=96,
         dpo_sample_steps=15,
         caption_dropout=0.0,
         optim=OptimConfig(steps=steps, lr=lr, warmup_steps=5, checkpoint_every=checkpoint_every),
