@@ -91,6 +91,9 @@ app.command(name="dashboard")(_telemetry_dashboard)
 app.command(name="telemetry-demo")(_telemetry_demo)
 
 from step_infra.recipes.cli import recipe as _recipe  # noqa: E402
+from step_infra.emulator.cli import plan as _plan  # noqa: E402
+
+app.command(name="plan")(_plan)
 
 app.command(name="recipe")(_recipe)
 

@@ -1,0 +1,246 @@
+"""Memory and time of a training step, vectorized over candidate layouts.
+
+Every quantity is a numpy array with one entry per candidate, so ``search`` prices a hundred
+thousand layouts in one pass and ``estimate`` is the same code on a single row (they cannot
+disagree). Sources of the formulas:
+
+- activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models", arXiv 2205.05198) eq. 1-2, with the ``5as/h`` score term removed
+  because flash attention does not store scores, the MLP term generalized to any FFN width
+  and gated MLPs, and DiT extras (cross-attention, adaLN modulation outputs);
+- in-flight micro-batches: 1F1B holds ``min(m, p)`` micro-batches on the first stage; the
+  interleaved schedule ``(1 + (p - 1) / (p v))`` times that (Korthikanti et al. sec. 4.2.3);
+- optimizer: mixed-precision Adam, 2 (bf16 weights) + 4 (fp32 grads) + 12 (fp32 master, m, v)
+  bytes per parameter, the 12 sharded over DP x CP by the distributed optimizer
+  (Megatron-LM ``distrib_optimizer.md``);
+- pipeline bubble ``(p - 1) / (v m)`` of the micro-batch time (Narayanan et al. 2021 sec. 2.2);
+- collectives: alpha-beta ring costs on the slowest link the group spans.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from step_infra.emulator.counts import (
+    embedding_params,
+    layer_matmul_params,
+    layer_small_params,
+    layer_text_params,
+)
+from step_infra.emulator.specs import ClusterSpec, ModelSpec
+
+Columns = dict[str, np.ndarray]
+GB = 1e9
+# Bytes an element-wise pass moves per token and hidden unit in one block's forward (norms,
+# residual adds, activation, modulation: about a dozen reads/writes of bf16 tensors).
+ELEMENTWISE_BYTES_PER_TOKEN_HIDDEN = 24.0
+# Share of tensor-parallel traffic hidden under GEMMs by Transformer-Engine's userbuffer
+# overlap (``--tp-comm-overlap``): chunks of the all-gather/reduce-scatter run while the
+# previous chunk's GEMM computes; the first and last chunk stay exposed.
+TP_OVERLAP_HIDDEN = 0.9
+
+
+def evaluate(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
+    """Price every layout in ``c`` (integer columns, see ``strategy._numeric``)."""
+    mem = _memory(model, cluster, c)
+    time = _time(model, cluster, c)
+    out: Columns = {**mem, **time}
+    out["memory_gb_per_gpu"] = np.sum([mem[k] for k in mem if k.startswith("mem_")], axis=0)
+    out["fits"] = out["memory_gb_per_gpu"] <= cluster.gpu.hbm_gb
+    return out
+
+
+# ----------------------------------------------------------------------------------- memory
+def layers_per_stage(model: ModelSpec, c: Columns) -> np.ndarray:
+    """Layers of the busiest pipeline stage: Megatron allows uneven splits, so it holds
+    ``ceil(layers / (pp vpp))`` layers in each of its ``vpp`` virtual stages."""
+    return np.ceil(model.layers / (c["pp"] * c["vpp"])) * c["vpp"]
+
+
+def _params_per_gpu(model: ModelSpec, c: Columns) -> np.ndarray:
+    """Parameters held by the busiest pipeline stage's GPU (blocks + embedding/head)."""
+    per_layer = layer_matmul_params(model) + layer_text_params(model) + layer_small_params(model)
+    return layers_per_stage(model, c) * per_layer / c["tp"] + embedding_params(model) / c["tp"]
+
+
+def _activation_coefficients(model: ModelSpec) -> tuple[float, float]:
+    """(replicated, tp-split) bytes per token per hidden unit of one block (Korthikanti
+    eq. 2 without the score term). Replicated: norms' inputs, dropout masks (10); split:
+    QKV/attention output (8) + MLP (``4 r``, gated ``6 r`` for ``r = ffn / h``)."""
+    assert model.ffn is not None
+    r = model.ffn / model.hidden
+    split = 8.0 + (6.0 if model.gated_mlp else 4.0) * r
+    rep = 10.0
+    if model.kind == "dit":
+        split += 9.0  # cross-attention q, output, projection input
+        rep += 6.0  # adaLN-modulated norm outputs and gates
+    return rep, split
+
+
+def _memory(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
+    tp, pp, vpp, cp, dp = c["tp"], c["pp"], c["vpp"], c["cp"], c["dp"]
+    params = _params_per_gpu(model, c)
+    opt_shards = np.where(c["dist_opt"] == 1, dp * cp, 1)
+    tokens = c["mb"] * model.seq_len / cp  # per micro-batch per GPU, before TP
+    sbh = tokens * model.hidden
+    rep, split = _activation_coefficients(model)
+    assert model.ffn is not None
+    per_layer = np.where(c["sp"] == 1, sbh * (rep + split) / tp, sbh * (rep + split / tp))
+    selective_saving = np.where(c["recompute"] == 1, sbh * 2.0 * model.ffn / model.hidden / tp, 0.0)
+    per_layer = per_layer - selective_saving
+    layer_input = np.where(c["sp"] == 1, 2.0 * sbh / tp, 2.0 * sbh)
+    micro = c["gb"] / (dp * c["mb"])
+    in_flight = np.minimum(micro, pp)
+    interleave = np.where(vpp > 1, 1.0 + (pp - 1) / (pp * vpp), 1.0)
+    layers_held = layers_per_stage(model, c) * in_flight * interleave
+    acts = np.where(
+        c["recompute"] == 2, layers_held * layer_input + per_layer, layers_held * per_layer
+    )
+    logits = 2.0 * 4.0 * tokens * model.vocab / tp if model.kind == "lm" else 0.0
+    return {
+        "params_per_gpu": params,
+        "mem_params_gb": 2.0 * params / GB,
+        "mem_grads_gb": 4.0 * params / GB,
+        "mem_optimizer_gb": 12.0 * params / opt_shards / GB,
+        "mem_activations_gb": (acts + logits) / GB,
+        "mem_buffers_gb": np.full(tp.shape, cluster.buffers_gb, dtype=float),
+    }
+
+
+# ------------------------------------------------------------------------------------- time
+def _ring_allreduce_s(
+    nbytes: np.ndarray, n: np.ndarray, bw_gb_s: np.ndarray, lat_us: np.ndarray
+) -> np.ndarray:
+    """Ring all-reduce: ``2 (n - 1) / n`` of the bytes cross each link, ``2 (n - 1)`` hops."""
+    return np.where(
+        n > 1, 2 * (n - 1) / n * nbytes / (bw_gb_s * GB) + 2 * (n - 1) * lat_us * 1e-6, 0.0
+    )
+
+
+def _ring_half_s(
+    nbytes: np.ndarray, n: np.ndarray, bw_gb_s: np.ndarray, lat_us: np.ndarray
+) -> np.ndarray:
+    """Reduce-scatter, all-gather or all-to-all: ``(n - 1) / n`` of the bytes, ``n - 1`` hops."""
+    return np.where(n > 1, (n - 1) / n * nbytes / (bw_gb_s * GB) + (n - 1) * lat_us * 1e-6, 0.0)
+
+
+def _link(cluster: ClusterSpec, span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bandwidth GB/s, latency us) of a group spanning ``span`` consecutive ranks."""
+    inside = span <= cluster.gpus_per_node
+    bw = np.where(inside, cluster.gpu.nvlink_gb_s, cluster.nic_gb_s) * cluster.gpu.comm_eff
+    lat = np.where(inside, cluster.nvlink_latency_us, cluster.nic_latency_us)
+    return bw, lat
+
+
+def gemm_rate(
+    cluster: ClusterSpec, fp8: np.ndarray, dim: np.ndarray, tokens: np.ndarray
+) -> np.ndarray:
+    """Achievable matmul FLOP/s: peak x efficiency that grows with the per-GPU GEMM size
+    (``eff_max / (1 + half_dim / d + half_dim / tokens)``): small GEMMs underfill the GPU."""
+    g = cluster.gpu
+    peak = np.where(
+        fp8 == 1, g.peak_tflops_fp8 * g.fp8_gemm_eff_max, g.peak_tflops_bf16 * g.gemm_eff_max
+    )
+    return peak * 1e12 / (1.0 + g.gemm_half_dim / dim + g.gemm_half_dim / tokens)
+
+
+def attention_rate(cluster: ClusterSpec, seq_q: np.ndarray, head_dim: int) -> np.ndarray:
+    """Achievable fused-attention FLOP/s (bf16): short query blocks and small heads underfill."""
+    g = cluster.gpu
+    return g.peak_tflops_bf16 * 1e12 * g.attn_eff / (1.0 + 128.0 / seq_q + 32.0 / head_dim)
+
+
+def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
+    tp, pp, vpp, cp, dp = (c[k].astype(float) for k in ("tp", "pp", "vpp", "cp", "dp"))
+    assert model.head_dim is not None and model.kv_heads is not None
+    s, h, layers_stage = float(model.seq_len), model.hidden, layers_per_stage(model, c)
+    tokens = c["mb"] * s / cp  # per micro-batch per GPU
+    micro = c["gb"] / (dp * c["mb"])
+    hw = cluster.gpu
+
+    # compute, one micro-batch through one stage (the last: it also holds the logits)
+    dense = 2.0 * tokens * layer_matmul_params(model) * layers_stage / tp
+    dense += 2.0 * c["mb"] * model.text_tokens * layer_text_params(model) * layers_stage / tp
+    dense_rate = gemm_rate(cluster, c["fp8"], h / tp, tokens)
+    causal = 0.5 if model.kind == "lm" else 1.0  # flash attention skips masked blocks
+    attn = 4.0 * c["mb"] * s * s * model.attn_dim * layers_stage / (tp * cp) * causal
+    attn += 4.0 * c["mb"] * s * model.text_tokens * model.attn_dim * layers_stage / (tp * cp)
+    attn_rate = attention_rate(cluster, s / cp, model.head_dim)
+    logits = 2.0 * tokens * h * model.vocab / tp if model.kind == "lm" else np.zeros_like(tp)
+    sp_div = np.where(c["sp"] == 1, tp, 1.0)
+    elem = (
+        ELEMENTWISE_BYTES_PER_TOKEN_HIDDEN * tokens * h * layers_stage / sp_div / (hw.hbm_gb_s * GB)
+    )
+    t_dense, t_attn = (dense + logits) / dense_rate, attn / attn_rate
+    fwd = t_dense + t_attn + elem
+    bwd = 2.0 * t_dense + 2.5 * t_attn + 2.0 * elem
+    recompute = np.select([c["recompute"] == 2, c["recompute"] == 1], [fwd, elem], 0.0)
+
+    # tensor parallel: all-reduce (or RS + AG with SP, same bytes) per block output
+    n_tp_coll = 3.0 if model.kind == "dit" else 2.0
+    passes = np.where(c["recompute"] == 2, 3.0, 2.0)  # fwd, bwd (+ recomputed fwd)
+    tp_bw, tp_lat = _link(cluster, tp)
+    tp_bytes = 2.0 * tokens * h
+    tp_comm = _ring_allreduce_s(tp_bytes, tp, tp_bw, tp_lat) * n_tp_coll * passes * layers_stage
+    tp_hidden = np.where(c["overlap_tp"] == 1, TP_OVERLAP_HIDDEN * tp_comm, 0.0)
+
+    # context parallel: Ulysses all-to-alls (q, k, v, out) or ring K/V passes under attention
+    cp_bw, cp_lat = _link(cluster, tp * cp)
+    head_bytes = 2.0 * tokens * model.attn_dim / tp
+    ulysses = _ring_half_s(head_bytes, cp, cp_bw, cp_lat) * 4.0 * (passes + 1.0) * layers_stage
+    kv_bytes = 2.0 * 2.0 * tokens * model.kv_heads * model.head_dim / tp
+    ring_fwd = (
+        np.where(cp > 1, (cp - 1) * (kv_bytes / (cp_bw * GB) + cp_lat * 1e-6), 0.0) * layers_stage
+    )
+    ring_total = ring_fwd * (passes + 1.0)  # backward sends K/V and their gradients
+    attn_share = t_attn * (passes + 1.5) / 2.0
+    ring_exposed = np.maximum(ring_total - attn_share, 0.0)
+    cp_comm = np.where(c["ring"] == 1, ring_total, ulysses)
+    cp_exposed = np.where(c["ring"] == 1, ring_exposed, ulysses)
+
+    # pipeline: activations sent forward and gradients back at every stage boundary
+    pp_bw, pp_lat = _link(cluster, tp * cp * pp)
+    pp_bytes = 2.0 * tokens * h / sp_div
+    pp_comm = np.where(pp > 1, 2.0 * vpp * (pp_bytes / (pp_bw * GB) + pp_lat * 1e-6), 0.0)
+
+    per_micro = fwd + bwd + recompute + (tp_comm - tp_hidden) + cp_exposed + pp_comm
+    bubble = per_micro * (pp - 1) / vpp
+    pipeline = per_micro * micro
+
+    # data parallel (over dp x cp ranks): grads reduced, params gathered, under the backward
+    params = _params_per_gpu(model, c)
+    n_dp = dp * cp
+    dp_bw, dp_lat = _link(cluster, np.full_like(tp, float(cluster.num_gpus)))
+    dp_bw = np.where(n_dp > 1, dp_bw, 1.0)
+    grad_bytes = 4.0 * params  # fp32 gradient reduction (Megatron default for bf16)
+    rs = np.where(
+        c["dist_opt"] == 1,
+        _ring_half_s(grad_bytes, n_dp, dp_bw, dp_lat),
+        _ring_allreduce_s(grad_bytes, n_dp, dp_bw, dp_lat),
+    )
+    ag = np.where(c["dist_opt"] == 1, _ring_half_s(2.0 * params, n_dp, dp_bw, dp_lat), 0.0)
+    rs_exposed = np.where(c["overlap_grad"] == 1, np.maximum(rs - 0.9 * bwd, 0.0), rs)
+    ag_exposed = np.where(c["overlap_param"] == 1, np.maximum(ag - 0.9 * fwd, 0.0), ag)
+
+    # optimizer: Adam touches about 30 bytes per parameter of its shard, memory-bound
+    shard = params / np.where(c["dist_opt"] == 1, n_dp, 1.0)
+    optimizer = 30.0 * shard / (hw.hbm_gb_s * GB)
+
+    step = pipeline + bubble + rs_exposed + ag_exposed + optimizer
+    return {
+        "step_time_s": step,
+        "micro_batches": micro,
+        "t_compute_dense_s": (t_dense * 3.0) * micro,
+        "t_compute_attention_s": (t_attn * 3.5) * micro,
+        "t_compute_elementwise_s": (elem * 3.0) * micro,
+        "t_recompute_s": recompute * micro,
+        "t_tp_comm_exposed_s": (tp_comm - tp_hidden) * micro,
+        "t_tp_comm_hidden_s": tp_hidden * micro,
+        "t_cp_comm_exposed_s": cp_exposed * micro,
+        "t_cp_comm_hidden_s": (cp_comm - cp_exposed) * micro,
+        "t_pp_comm_s": pp_comm * micro,
+        "t_bubble_s": bubble,
+        "t_dp_comm_exposed_s": rs_exposed + ag_exposed,
+        "t_dp_comm_hidden_s": (rs - rs_exposed) + (ag - ag_exposed),
+        "t_optimizer_s": optimizer,
+    }

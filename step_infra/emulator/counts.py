@@ -1,0 +1,102 @@
+"""Parameter and FLOP counts: named formulas, each with its source.
+
+Units are in the names. FLOPs follow the Megatron *model FLOPs* convention: a multiply-add is
+2 FLOPs, a training step is 3x the forward (backward = 2x forward), recomputation is not
+counted, and attention scores are counted in full even for causal masks.
+"""
+
+from __future__ import annotations
+
+from step_infra.emulator.specs import ModelSpec
+
+
+def layer_matmul_params(m: ModelSpec) -> int:
+    """Weights of one block that multiply every token (biases and norms excluded).
+
+    LM: fused QKV (``h x (a + 2 kv)``) + output (``a x h``) + MLP (``2 h f``, or ``3 h f``
+    for a gated/SwiGLU MLP). DiT (Step-Video, REFERENCE.md): self-attention ``4 h^2``,
+    cross-attention query + output ``2 h^2`` (its K/V act on the text tokens, see
+    :func:`layer_text_params`), GELU MLP ``2 h f``.
+    """
+    h, a = m.hidden, m.attn_dim
+    assert m.kv_heads is not None and m.head_dim is not None and m.ffn is not None
+    kv = m.kv_heads * m.head_dim
+    mlp = (3 if m.gated_mlp else 2) * h * m.ffn
+    self_attn = h * (a + 2 * kv) + a * h
+    if m.kind == "dit":
+        return self_attn + 2 * h * a + mlp
+    return self_attn + mlp
+
+
+def layer_text_params(m: ModelSpec) -> int:
+    """Cross-attention K/V projection of a DiT block (acts on text tokens only)."""
+    return 2 * m.hidden * m.attn_dim if m.kind == "dit" else 0
+
+
+def layer_small_params(m: ModelSpec) -> int:
+    """Norms, biases and modulation tables of one block.
+
+    GPT (Megatron, biases on): ``13 h`` (Narayanan et al. 2021, eq. for P). Llama-style: two
+    RMSNorm gains ``2 h``. DiT: the adaLN-single table ``6 h`` plus per-head q/k RMSNorm gains
+    for self- and cross-attention ``4 head_dim``.
+    """
+    assert m.head_dim is not None
+    if m.kind == "dit":
+        return 6 * m.hidden + 4 * m.head_dim
+    return 13 * m.hidden if m.learned_positions else 2 * m.hidden
+
+
+def embedding_params(m: ModelSpec) -> int:
+    """Parameters outside the blocks.
+
+    LM: token embedding ``V h`` (+ untied output head ``V h``) (+ learned positions ``s h``)
+    + final norm. DiT (REFERENCE.md): patchify ``C h``, timestep MLP ``256 h + h^2``, shared
+    adaLN ``h x 6h``, caption projections (CLIP ``text_dim x h`` and the 2-layer LLM
+    projection ``2 h^2``), output ``h x C`` plus biases.
+    """
+    h = m.hidden
+    if m.kind == "dit":
+        c = m.latent_channels * m.patch**2
+        return (
+            (c * h + h)
+            + (256 * h + h + h * h + h)
+            + (6 * h * h + 6 * h)
+            + (m.text_dim * h + h)
+            + (2 * h * h + 2 * h)
+            + (h * c + c)
+        )
+    emb = m.vocab * h * (1 if m.tied_embeddings else 2)
+    if m.learned_positions:
+        emb += m.seq_len * h
+    return emb + 2 * h
+
+
+def parameter_count(m: ModelSpec) -> int:
+    """All parameters (Megatron GPT: ``12 l h^2 (1 + 13/(12 h) + (V + s)/(12 l h))``,
+    Narayanan et al. 2021 sec. 5.1, which this reproduces for the GPT presets)."""
+    per_layer = layer_matmul_params(m) + layer_text_params(m) + layer_small_params(m)
+    return m.layers * per_layer + embedding_params(m)
+
+
+def forward_flops_per_sample(m: ModelSpec) -> dict[str, float]:
+    """Forward FLOPs of one sample by kind: ``dense`` (token-wise matmuls), ``attention``
+    (scores and weighted sum, ``4 s^2 a`` per layer, Megatron convention), ``cross``
+    (cross-attention ``4 s T a`` + its text K/V ``4 T h a``) and ``logits`` (``2 s h V``).
+
+    REFERENCE.md: a 204x544x992 sample of stepvideo-t2v-30b is about 10.7 PFLOP forward,
+    about 64 % of it self-attention.
+    """
+    s, layers = float(m.seq_len), m.layers
+    dense = 2.0 * s * layer_matmul_params(m) * layers
+    attention = 4.0 * s * s * m.attn_dim * layers
+    cross = 0.0
+    if m.kind == "dit":
+        t = float(m.text_tokens)
+        cross = (4.0 * s * t * m.attn_dim + 2.0 * t * layer_text_params(m)) * layers
+    logits = 2.0 * s * m.hidden * m.vocab if m.kind == "lm" else 0.0
+    return {"dense": dense, "attention": attention, "cross": cross, "logits": logits}
+
+
+def training_flops_per_sample(m: ModelSpec) -> float:
+    """Model FLOPs of one sample's training step (3x forward, no recompute)."""
+    return 3.0 * sum(forward_flops_per_sample(m).values())
