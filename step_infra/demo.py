@@ -35,6 +35,35 @@ def stage_environment(out: Path, console: Console) -> dict[str, str]:
     return {"environment": str(path)}
 
 
+def stage_plan(out: Path, console: Console) -> dict[str, str]:
+    """Step Emulator: plan the Step-Video 30B run on 2,048 H100s (204x544x992 clips), and the
+    demo's tiny DiT on this machine when a calibrated profile exists."""
+    from step_infra.emulator import cluster_for, get_model
+    from step_infra.emulator.cli import print_plan
+    from step_infra.emulator.planner import make_plan, plot_plan, write_plan
+    from step_infra.emulator.specs import ClusterSpec
+
+    plan_dir = out / "plan"
+    model = get_model("stepvideo-t2v-30b").with_video(204, 544, 992)
+    big = make_plan(model, cluster_for("h100-sxm", 2048), global_batch=256)
+    print_plan(big, console, top=5, explain=True)
+    outputs = {
+        "30B plan (TOML)": str(write_plan(big, plan_dir / "stepvideo-t2v-30b.toml")),
+        "30B plan (plot)": str(plot_plan(big, plan_dir / "stepvideo-t2v-30b.png")),
+    }
+    profile = Path("runs/hardware_profile.json")
+    if profile.exists():
+        local = ClusterSpec.from_profile(profile)
+        tiny = make_plan(get_model("tiny-dit"), local, global_batch=8, vae_rate=None)
+        print_plan(tiny, console, top=3)
+        outputs["tiny plan (TOML)"] = str(write_plan(tiny, plan_dir / "tiny-dit.toml"))
+    else:
+        console.print(
+            f"(no {profile}: run `step-infra calibrate` to plan the tiny model on this machine)"
+        )
+    return outputs
+
+
 def stage_eviction(out: Path, console: Console) -> dict[str, str]:
     """StepTelemetry: 3 torchrun agents + 1 hot spare, one node slowed 30%, evicted, replaced."""
     from step_infra.telemetry.story import run_eviction_story
@@ -51,6 +80,7 @@ def stage_eviction(out: Path, console: Console) -> dict[str, str]:
 
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("environment", stage_environment),
+    ("parallel plan (Step Emulator)", stage_plan),
     ("straggler eviction (StepTelemetry + TorchElastic)", stage_eviction),
 )
 
