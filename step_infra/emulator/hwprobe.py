@@ -61,12 +61,15 @@ class ProbeConfig:
     min_time_s: float = 0.05
     gloo: bool = True
     threads: int | None = None
+    concurrent_ranks: int = 1
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.min_time_s <= 0:
             raise ValueError(
                 f"repeats must be >= 1 and min_time_s > 0, got {self.repeats}, {self.min_time_s}"
             )
+        if self.concurrent_ranks < 1:
+            raise ValueError(f"concurrent_ranks must be >= 1, got {self.concurrent_ranks}")
         if not self.gemm_dims or min(self.gemm_dims) < 1:
             raise ValueError(f"gemm_dims must be positive sizes, got {self.gemm_dims}")
 
@@ -219,6 +222,57 @@ dist.destroy_process_group()
 """
 
 
+def measure_compute_concurrent(cfg: ProbeConfig, *, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Matmul and attention rates per rank while ``cfg.concurrent_ranks`` processes measure at
+    once: the rate each rank of a local multi-rank job gets when they share the machine's cores
+    and memory bandwidth. Rates are averaged over ranks, shape by shape."""
+    one = dataclasses.replace(cfg, concurrent_ranks=1, gloo=False)
+    arg = json.dumps(dataclasses.asdict(one))
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads or 1)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "step_infra.emulator.hwprobe", "--compute-worker", arg],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(cfg.concurrent_ranks)
+    ]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout_s)
+            if p.returncode:
+                raise RuntimeError(f"compute probe exited {p.returncode}: {err.strip()[-400:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    merged: dict[str, Any] = {}
+    for kind in ("matmul", "attention"):
+        rows = [dict(r) for r in results[0][kind]]
+        for i, row in enumerate(rows):
+            row["tflops"] = statistics.mean(res[kind][i]["tflops"] for res in results)
+        merged[kind] = rows
+    return merged
+
+
+def _compute_worker(arg: str) -> None:
+    fields = json.loads(arg)
+    for key in ("gemm_dims", "attn_seqs"):
+        fields[key] = tuple(fields[key])
+    cfg = ProbeConfig(**fields)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    out = {"matmul": measure_matmul(cfg), "attention": measure_attention(cfg)}
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -355,12 +409,15 @@ def probe(cfg: ProbeConfig | None = None) -> dict[str, Any]:
             "host": platform.node(),
             "device": "cpu",
             "torch_threads": torch.get_num_threads(),
-            "matmul": measure_matmul(cfg),
-            "attention": measure_attention(cfg),
+            "concurrent_ranks": cfg.concurrent_ranks,
             "memory_gb_s": measure_memory_bandwidth_gb_s(cfg),
             "memory_gb": psutil.virtual_memory().total / 1e9,
             "loopback": measure_loopback(cfg),
         }
+        if cfg.concurrent_ranks > 1:
+            out.update(measure_compute_concurrent(cfg))
+        else:
+            out["matmul"], out["attention"] = measure_matmul(cfg), measure_attention(cfg)
         if cfg.gloo:
             out["gloo"] = measure_gloo_allreduce(cfg)
         out["probe_s"] = time.perf_counter() - t0
@@ -376,10 +433,21 @@ def calibrate(
     name: str = "local-cpu",
     ranks_per_node: int = 1,
 ) -> dict[str, Any]:
-    """Measure, build the profile, write it as JSON to ``out_path`` and return it."""
+    """Measure, build the profile, write it as JSON to ``out_path`` and return it.
+
+    With ``ranks_per_node`` > 1 compute rates are measured with that many ranks at once (unless
+    ``cfg`` already sets ``concurrent_ranks``), since that is what each rank of the job gets.
+    """
+    cfg = cfg or ProbeConfig()
+    if ranks_per_node > 1 and cfg.concurrent_ranks == 1:
+        cfg = dataclasses.replace(cfg, concurrent_ranks=ranks_per_node)
     profile = build_profile(probe(cfg), name=name, ranks_per_node=ranks_per_node)
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=2, sort_keys=True) + "\n")
     log.info("wrote hardware profile %s", path)
     return profile
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--compute-worker":
+    _compute_worker(sys.argv[2])

@@ -97,3 +97,22 @@ def test_gloo_allreduce_two_processes() -> None:
 def test_bad_config_is_rejected() -> None:
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         ProbeConfig(repeats=0)
+
+
+@pytest.mark.integration
+def test_concurrent_ranks_measure_every_shape() -> None:
+    from step_infra.emulator.hwprobe import measure_compute_concurrent
+
+    cfg = ProbeConfig(
+        gemm_dims=(32, 64),
+        gemm_tokens=128,
+        attn_seqs=(64,),
+        repeats=1,
+        min_time_s=0.005,
+        concurrent_ranks=2,
+    )
+    res = measure_compute_concurrent(cfg, timeout_s=90)
+    assert [r["dim"] for r in res["matmul"]] == [32, 64]
+    assert all(r["tflops"] > 0 for r in res["matmul"] + res["attention"])
+    with pytest.raises(ValueError, match="concurrent_ranks must be >= 1"):
+        ProbeConfig(concurrent_ranks=0)

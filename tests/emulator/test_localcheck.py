@@ -1,0 +1,76 @@
+"""Local prediction check: the stand-in trains, the same step is priced, layouts run on gloo."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from step_infra.emulator.hwprobe import build_profile
+from step_infra.emulator.localcheck import (
+    CheckConfig,
+    measure_layout,
+    predict_layout,
+    run_local_check,
+)
+
+SMALL = CheckConfig(batch=2, seq_len=32, steps=2, warmup=1, timeout_s=90)
+
+
+def _profile(tmp_path: Path, ranks: int) -> Path:
+    meas = {
+        "when": "2026-01-01T00:00:00Z",
+        "host": "test",
+        "matmul": [
+            {"tokens": 1024, "dim": d, "tflops": 0.05 / (1 + 50 / d + 50 / 1024)}
+            for d in (64, 128, 256, 512)
+        ],
+        "attention": [{"seq": s, "head_dim": 32, "tflops": 0.02} for s in (128, 512)],
+        "memory_gb_s": 20.0,
+        "memory_gb": 16.0,
+        "loopback": {"gb_s": 3.0, "latency_us": 10.0},
+        "gloo": {"busbw_gb_s": 1.0, "latency_us": 40.0},
+    }
+    path = tmp_path / f"hw{ranks}.json"
+    path.write_text(json.dumps(build_profile(meas, name="unit-cpu", ranks_per_node=ranks)))
+    return path
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="batch, seq_len, steps, threads must be >= 1"):
+        CheckConfig(batch=0)
+
+
+def test_single_rank_step_is_measured_and_priced(tmp_path: Path) -> None:
+    measured = measure_layout(1, 1, SMALL)
+    assert 0 < measured < 30
+    pred = predict_layout(_profile(tmp_path, 1), 1, 1, SMALL)
+    assert pred["step_time_s"] > 0
+    # Doubling the batch doubles the model work of the step: the prediction must grow.
+    bigger = predict_layout(_profile(tmp_path, 1), 1, 1, CheckConfig(batch=4, seq_len=32))
+    assert bigger["step_time_s"] > 1.5 * pred["step_time_s"]
+
+
+def test_tp2_prediction_has_tp_communication(tmp_path: Path) -> None:
+    pred = predict_layout(_profile(tmp_path, 2), 2, 1, SMALL)
+    tp_comm = pred["breakdown"].get("t_tp_comm_exposed_s", 0.0) + pred["breakdown"].get(
+        "t_tp_comm_hidden_s", 0.0
+    )
+    assert tp_comm > 0
+
+
+def test_missing_profile_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no hardware profile for 2 rank"):
+        run_local_check({1: _profile(tmp_path, 1)}, SMALL, layouts={"TP=2 gloo": (2, 1)})
+
+
+@pytest.mark.integration
+def test_tp2_and_dp2_run_on_gloo(tmp_path: Path) -> None:
+    rows = run_local_check(
+        {2: _profile(tmp_path, 2)}, SMALL, layouts={"DP=2 gloo": (1, 2), "TP=2 gloo": (2, 1)}
+    )
+    assert [r["layout"] for r in rows] == ["DP=2 gloo", "TP=2 gloo"]
+    for r in rows:
+        assert r["measured_step_s"] > 0 and math.isfinite(r["error"])
