@@ -4,10 +4,11 @@ Predictions for a local job are only real predictions if the rates in ``ClusterS
 machine's, not a datasheet's. The probe times, with torch on the default device (CPU here, a
 GPU where there is one):
 
-- matmuls of several shapes -> the peak (asymptote) and the fitted
-  ``gemm_eff_max``/``gemm_half_dim`` of its achievable-rate curve;
-- fused attention (``scaled_dot_product_attention``) at several sequence lengths -> ``attn_eff``;
-- a large tensor copy -> memory bandwidth (``hbm_gb_s``);
+- training GEMM triples (forward and both backward products) of several shapes -> the peak
+  (asymptote) and ``gemm_half_dim`` of the time model's achievable-rate curve;
+- fused attention (``scaled_dot_product_attention``, forward + backward) at several sequence
+  lengths -> ``attn_eff``;
+- a large tensor copy and a chain of elementwise kernels -> memory bandwidth (``hbm_gb_s``);
 - TCP loopback between two threads -> link bandwidth and latency, and optionally a two-process
   gloo all-reduce -> the fraction of that a real collective reaches (``comm_eff``).
 
@@ -20,7 +21,6 @@ keeps loading if they grow), plus the raw ``measurements``. Load it with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -106,38 +106,72 @@ def _time_call(fn: Callable[[], object], *, repeats: int, min_time_s: float) -> 
 
 
 def measure_matmul(cfg: ProbeConfig) -> list[dict[str, float]]:
-    """TFLOP/s of ``(tokens x d) @ (d x 4d)`` and ``(tokens x 4d) @ (4d x d)``-like GEMMs: the
-    transformer's MLP shapes, with ``d`` the per-rank width (``hidden / tp``)."""
+    """TFLOP/s of a training GEMM triple for the MLP shape ``(tokens x d) @ (d x 4d)``: the
+    forward product and its two backward products (``dY W^T`` and ``X^T dY``), ``d`` being the
+    per-rank width (``hidden / tp``). Training is what the emulator prices, so the probe times
+    the backward's transposed layouts too."""
     import torch
 
     rows = []
     for d in cfg.gemm_dims:
-        a = torch.randn(cfg.gemm_tokens, d)
-        b = torch.randn(d, 4 * d)
-        sec = _time_call(
-            functools.partial(torch.matmul, a, b), repeats=cfg.repeats, min_time_s=cfg.min_time_s
-        )
-        flops = 2.0 * cfg.gemm_tokens * d * 4 * d
+        x = torch.randn(cfg.gemm_tokens, d)
+        w = torch.randn(d, 4 * d)
+        dy = torch.randn(cfg.gemm_tokens, 4 * d)
+
+        def triple(x: torch.Tensor = x, w: torch.Tensor = w, dy: torch.Tensor = dy) -> None:
+            torch.matmul(x, w)
+            torch.matmul(dy, w.T)
+            torch.matmul(x.T, dy)
+
+        sec = _time_call(triple, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+        flops = 3 * 2.0 * cfg.gemm_tokens * d * 4 * d
         rows.append({"tokens": cfg.gemm_tokens, "dim": d, "tflops": flops / sec / 1e12})
     return rows
 
 
 def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
-    """TFLOP/s of ``scaled_dot_product_attention`` forward (``4 b h s^2 d`` FLOPs, no mask)."""
+    """TFLOP/s of ``scaled_dot_product_attention`` forward + backward, counted as 3.5 x the
+    forward's ``4 b h s^2 d`` FLOPs (backward about 2.5 x forward, REFERENCE.md), no mask."""
     import torch
     import torch.nn.functional as F
 
     rows = []
     for s in cfg.attn_seqs:
-        q, k, v = (torch.randn(1, cfg.attn_heads, s, cfg.head_dim) for _ in range(3))
-        sec = _time_call(
-            functools.partial(F.scaled_dot_product_attention, q, k, v),
-            repeats=cfg.repeats,
-            min_time_s=cfg.min_time_s,
+        q, k, v = (
+            torch.randn(1, cfg.attn_heads, s, cfg.head_dim, requires_grad=True) for _ in range(3)
         )
-        flops = 4.0 * cfg.attn_heads * s * s * cfg.head_dim
+        grad = torch.randn(1, cfg.attn_heads, s, cfg.head_dim)
+
+        def step(
+            q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v, grad: torch.Tensor = grad
+        ) -> None:
+            out = F.scaled_dot_product_attention(q, k, v)
+            torch.autograd.grad(out, (q, k, v), grad)
+
+        sec = _time_call(step, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+        flops = 3.5 * 4.0 * cfg.attn_heads * s * s * cfg.head_dim
         rows.append({"seq": s, "head_dim": cfg.head_dim, "tflops": flops / sec / 1e12})
     return rows
+
+
+def measure_elementwise_gb_s(cfg: ProbeConfig) -> float:
+    """GB/s that a transformer's elementwise kernels reach: bytes read + written by a chain of
+    LayerNorm, tanh-GELU, add and multiply on a ``(tokens x 4 x 128)`` activation, over its time.
+    On a GPU this is close to HBM bandwidth; on a CPU the math of GELU/LayerNorm, not memory,
+    bounds it, and the time model's elementwise and optimizer terms must see that."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(cfg.gemm_tokens * 4, 128)
+
+    def chain(x: torch.Tensor = x) -> None:
+        F.layer_norm(x, (128,))
+        F.gelu(x, approximate="tanh")
+        torch.add(x, x)
+        torch.mul(x, x)
+
+    sec = _time_call(chain, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    return 4 * 2 * x.numel() * x.element_size() / sec / 1e9
 
 
 def measure_memory_bandwidth_gb_s(cfg: ProbeConfig) -> float:
@@ -369,7 +403,9 @@ def build_profile(
         "peak_tflops_bf16": peak,
         "peak_tflops_fp8": peak,
         "hbm_gb": measurements["memory_gb"],
-        "hbm_gb_s": measurements["memory_gb_s"],
+        "hbm_gb_s": min(
+            measurements["memory_gb_s"], measurements.get("elementwise_gb_s", math.inf)
+        ),
         "nvlink_gb_s": loop["gb_s"],
         "source": f"step-infra calibrate, measured {measurements['when']} on {measurements['host']}",
         "gemm_eff_max": 1.0,
@@ -411,6 +447,7 @@ def probe(cfg: ProbeConfig | None = None) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "concurrent_ranks": cfg.concurrent_ranks,
             "memory_gb_s": measure_memory_bandwidth_gb_s(cfg),
+            "elementwise_gb_s": measure_elementwise_gb_s(cfg),
             "memory_gb": psutil.virtual_memory().total / 1e9,
             "loopback": measure_loopback(cfg),
         }
