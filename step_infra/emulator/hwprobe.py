@@ -155,23 +155,26 @@ def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
 
 
 def measure_elementwise_gb_s(cfg: ProbeConfig) -> float:
-    """GB/s that a transformer's elementwise kernels reach: bytes read + written by a chain of
-    LayerNorm, tanh-GELU, add and multiply on a ``(tokens x 4 x 128)`` activation, over its time.
-    On a GPU this is close to HBM bandwidth; on a CPU the math of GELU/LayerNorm, not memory,
-    bounds it, and the time model's elementwise and optimizer terms must see that."""
+    """GB/s that a transformer's elementwise kernels reach: bytes read + written by LayerNorm,
+    add and multiply on a ``(tokens x 128)`` activation and tanh-GELU on the MLP's 4x wider one
+    (the mix of one block), over their time. On a GPU this is close to HBM bandwidth; on a CPU
+    the math of GELU/LayerNorm, not memory, bounds it, and the time model's elementwise and
+    optimizer terms must see that."""
     import torch
     import torch.nn.functional as F
 
-    x = torch.randn(cfg.gemm_tokens * 4, 128)
+    x = torch.randn(cfg.gemm_tokens, 128)
+    wide = torch.randn(cfg.gemm_tokens, 512)
 
-    def chain(x: torch.Tensor = x) -> None:
+    def chain(x: torch.Tensor = x, wide: torch.Tensor = wide) -> None:
         F.layer_norm(x, (128,))
-        F.gelu(x, approximate="tanh")
+        F.gelu(wide, approximate="tanh")
         torch.add(x, x)
         torch.mul(x, x)
 
     sec = _time_call(chain, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
-    return 4 * 2 * x.numel() * x.element_size() / sec / 1e9
+    nbytes = (2 * x.numel() + 3 * x.numel() * 2 + 2 * wide.numel()) * x.element_size()
+    return nbytes / sec / 1e9
 
 
 def measure_memory_bandwidth_gb_s(cfg: ProbeConfig) -> float:
