@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted, so this must
+# be set before any test imports step_infra.kernels. It only changes what Triton does when a
+# kernel is launched on CPU tensors (the dispatcher still picks the PyTorch reference on CPU
+# unless a test forces backend="triton").
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _cuda_available() -> bool:

@@ -1,15 +1,28 @@
 """Choose the attention implementation for the device the tensors live on.
 
-On the CPU the reference (PyTorch SDPA, or an explicit softmax when the log-sum-exp is asked
-for) is used. The Triton kernels replace it on CUDA as they land.
+Triton kernels on CUDA; on the CPU the PyTorch reference (SDPA, or an explicit softmax when
+masks or the log-sum-exp are asked for) by default, and the Triton kernels through the
+interpreter when ``backend="triton"`` is forced under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
+
+from step_infra.kernels.flash_attention import attention_reference, flash_attention_triton
+
+Backend = Literal["auto", "triton", "reference"]
+
+
+def choose_backend(q: torch.Tensor, backend: Backend = "auto") -> Literal["triton", "reference"]:
+    """``auto`` -> Triton on CUDA, the reference elsewhere."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend={backend!r}; expected 'auto', 'triton' or 'reference'")
+    if backend == "auto":
+        return "triton" if q.is_cuda else "reference"
+    return backend
 
 
 def flash_attention(
@@ -21,13 +34,15 @@ def flash_attention(
     kv_lengths: torch.Tensor | None = None,
     causal: bool = False,
     return_lse: bool = False,
+    backend: Backend = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over ``[batch, seq, heads, head_dim]`` tensors; differentiable.
 
     ``kv_lengths`` (``[batch]`` int) masks key positions ``>= kv_lengths[b]`` (padded text).
     With ``return_lse`` also returns the log-sum-exp ``[batch, heads, seq_q]`` in fp32.
     """
-    return attention_reference(
+    impl = flash_attention_triton if choose_backend(q, backend) == "triton" else attention_reference
+    return impl(
         q,
         k,
         v,
@@ -36,47 +51,3 @@ def flash_attention(
         causal=causal,
         return_lse=return_lse,
     )
-
-
-def attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    softmax_scale: float | None = None,
-    kv_lengths: torch.Tensor | None = None,
-    causal: bool = False,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch attention: SDPA when no LSE is needed, an explicit softmax otherwise."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [batch, seq, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-    mask = _mask(q.shape[1], k.shape[1], kv_lengths, causal, q.device)
-    if not return_lse:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-        return out.transpose(1, 2)
-    scores = (qh.float() @ kh.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    out = (probs @ vh.float()).to(q.dtype)
-    return out.transpose(1, 2), lse
-
-
-def _mask(
-    seq_q: int, seq_k: int, kv_lengths: torch.Tensor | None, causal: bool, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean keep-mask broadcastable to (B, H, Sq, Sk), or None when nothing is masked."""
-    mask = None
-    if kv_lengths is not None:
-        keys = torch.arange(seq_k, device=device)
-        mask = (keys[None, :] < kv_lengths.to(device)[:, None])[:, None, None, :]  # (B, 1, 1, Sk)
-    if causal:
-        tri = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril(seq_k - seq_q)
-        mask = tri if mask is None else mask & tri
-    return mask

@@ -1,0 +1,454 @@
+"""Flash attention in Triton: forward and backward, with its plain-PyTorch reference.
+
+Laid out as in Triton's fused-attention tutorial (kernel, launcher, reference), written here
+for the DiT's needs: ``[batch, seq, heads, head_dim]`` tensors used in place through strides
+(no transposes), any sequence length (masked tail blocks: 75,888 tokens is no multiple of
+128), unequal query/key lengths, per-sample key lengths for padded text (cross-attention),
+an optional causal mask, and the log-sum-exp returned for ring attention. The softmax runs
+online in base 2 (``exp2``) with fp32 statistics; the backward recomputes probabilities from
+the saved LSE in two kernels (dK/dV over key blocks, dQ over query blocks) so no atomics
+are needed.
+
+Block sizes are autotuned per GPU generation (configs chosen from the compute capability;
+Triton caches the winner per shape key in-process and, with ``TRITON_CACHE_AUTOTUNING=1``,
+on disk). Under ``TRITON_INTERPRET=1`` (CPU tests) one small fixed config is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    KV_LEN,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    n_heads,
+    seq_q,
+    seq_k,
+    head_dim,
+    scale_log2,
+    HAS_KV_LEN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    kv_len = tl.load(KV_LEN + b) if HAS_KV_LEN else seq_k
+    kv_len = tl.minimum(kv_len, seq_k)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seq_q
+    mask_d = offs_d < head_dim
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end_n = kv_len
+    if CAUSAL:  # query i sees keys j <= i + (seq_k - seq_q) (bottom-right aligned)
+        end_n = tl.minimum(end_n, (pid_m + 1) * BLOCK_M + seq_k - seq_q)
+    for start_n in range(0, end_n, BLOCK_N):
+        cols = start_n + offs_n
+        keep = cols[None, :] < kv_len
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + seq_k - seq_q)
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+            mask=(cols[:, None] < kv_len) & mask_d[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+            mask=(cols[:, None] < kv_len) & mask_d[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), base-2 logits
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0  # every key masked: output 0, LSE -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(
+        empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634
+    )
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+    tl.store(LSE + bh * seq_q + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    KV_LEN,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    n_heads,
+    seq_q,
+    seq_k,
+    head_dim,
+    scale,
+    scale_log2,
+    HAS_KV_LEN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dK, dV of one key block, looping over query blocks. Q/DO share strides; K/V/DK/DV too."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    kv_len = tl.load(KV_LEN + b) if HAS_KV_LEN else seq_k
+    kv_len = tl.minimum(kv_len, seq_k)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    kv_mask = (offs_n[:, None] < kv_len) & mask_d[None, :]
+    kv_off = b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    start_m = 0
+    if CAUSAL:  # only queries i >= j - (seq_k - seq_q) see these keys
+        start_m = tl.maximum(pid_n * BLOCK_N - (seq_k - seq_q), 0) // BLOCK_M * BLOCK_M
+    for m0 in range(start_m, seq_q, BLOCK_M):
+        rows = m0 + offs_m
+        row_mask = rows < seq_q
+        q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+        do = tl.load(DO + q_off, mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+        lse = tl.load(LSE + bh * seq_q + rows, mask=row_mask, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * seq_q + rows, mask=row_mask, other=0.0)
+        keep = (offs_n[None, :] < kv_len) & row_mask[:, None]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= rows[:, None] + seq_k - seq_q)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    # padded keys (>= kv_len) get zero gradients written, not left uninitialized
+    out_mask = (offs_n[:, None] < seq_k) & mask_d[None, :]
+    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    KV_LEN,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    n_heads,
+    seq_q,
+    seq_k,
+    head_dim,
+    scale,
+    scale_log2,
+    HAS_KV_LEN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dQ of one query block, looping over key blocks."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    kv_len = tl.load(KV_LEN + b) if HAS_KV_LEN else seq_k
+    kv_len = tl.minimum(kv_len, seq_k)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    row_mask = offs_m < seq_q
+    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+    do = tl.load(DO + q_off, mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+    lse = tl.load(LSE + bh * seq_q + offs_m, mask=row_mask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * seq_q + offs_m, mask=row_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end_n = kv_len
+    if CAUSAL:
+        end_n = tl.minimum(end_n, (pid_m + 1) * BLOCK_M + seq_k - seq_q)
+    for n0 in range(0, end_n, BLOCK_N):
+        cols = n0 + offs_n
+        kv_off = b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :]
+        kv_mask = (cols[:, None] < kv_len) & mask_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        keep = (cols[None, :] < kv_len) & row_mask[:, None]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + seq_k - seq_q)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(
+        DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :]
+    )
+
+
+# ----------------------------------------------------------------------------------- launcher
+def _interpreting() -> bool:
+    return triton.knobs.runtime.interpret
+
+
+@functools.lru_cache(maxsize=8)
+def _block_sizes(capability: tuple[int, int] | None, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) per GPU generation; small blocks in the interpreter.
+
+    Hopper/Blackwell (sm >= 9) have 228 KB of shared memory per SM: 128 x 64 tiles at head
+    dim 128; Ampere 128 x 64 at d <= 64 else 64 x 64; older parts 64 x 32."""
+    if capability is None:
+        return 16, 16, 1
+    major = capability[0]
+    if major >= 9:
+        return 128, 64, 8
+    if major == 8:
+        return (128, 64, 4) if head_dim <= 64 else (64, 64, 4)
+    return 64, 32, 4
+
+
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None
+) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, seq, heads, head_dim] with k.shape == v.shape; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head_dim"
+        )
+    if kv_lengths is not None and tuple(kv_lengths.shape) != (q.shape[0],):
+        raise ValueError(
+            f"kv_lengths must have shape ({q.shape[0]},), got {tuple(kv_lengths.shape)}"
+        )
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(
+            "Triton flash attention needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)"
+        )
+
+
+def _launch_meta(q: torch.Tensor) -> tuple[int, int, int, int]:
+    d = q.shape[-1]
+    cap = None if _interpreting() else torch.cuda.get_device_capability(q.device)
+    block_m, block_n, warps = _block_sizes(cap, d)
+    return block_m, block_n, max(16, triton.next_power_of_2(d)), warps
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, kv_lengths, causal):  # type: ignore[no-untyped-def, override]
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        b, sq, h, d = q.shape
+        sk = k.shape[1]
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+        block_m, block_n, block_d, warps = _launch_meta(q)
+        lens = (
+            kv_lengths.to(device=q.device, dtype=torch.int32) if kv_lengths is not None else lse
+        )  # dummy ptr
+        grid = (triton.cdiv(sq, block_m), b * h)
+        _fwd_kernel[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            lens,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            h,
+            sq,
+            sk,
+            d,
+            scale * LOG2E,
+            HAS_KV_LEN=kv_lengths is not None,
+            CAUSAL=causal,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=warps,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, lens)
+        ctx.scale, ctx.causal, ctx.has_len = scale, causal, kv_lengths is not None
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[no-untyped-def, override]
+        q, k, v, out, lse, lens = ctx.saved_tensors
+        if dlse is not None and torch.any(dlse != 0):
+            raise NotImplementedError("gradients through the returned LSE are not supported")
+        # one layout for Q/dO and one for K/V/dK/dV, as the kernels take one stride set each
+        q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+        b, sq, h, d = q.shape
+        sk = k.shape[1]
+        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Sq)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        block_m, block_n, block_d, warps = _launch_meta(q)
+        common = (h, sq, sk, d, ctx.scale, ctx.scale * LOG2E)
+        meta = {
+            "HAS_KV_LEN": ctx.has_len,
+            "CAUSAL": ctx.causal,
+            "BLOCK_M": block_m,
+            "BLOCK_N": block_n,
+            "BLOCK_D": block_d,
+            "num_warps": warps,
+        }
+        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+        _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
+            q, k, v, dout, lse, delta, dk, dv, lens, *strides, *common, **meta
+        )
+        _bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
+            q, k, v, dout, lse, delta, dq, lens, *strides, *common, **meta
+        )
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels; ``[batch, seq, heads, head_dim]`` in, same out (+ LSE ``[b, h, sq]``)."""
+    _check(q, k, v, kv_lengths)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _FlashAttention.apply(q, k, v, scale, kv_lengths, causal)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------- reference
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch attention: SDPA when no LSE is needed, an explicit softmax otherwise.
+    Rows whose keys are all masked give 0 and LSE ``-inf``, as the kernel does."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, seq, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    mask = _keep_mask(q.shape[1], k.shape[1], kv_lengths, causal, q.device)
+    if not return_lse and mask is None:
+        return F.scaled_dot_product_attention(qh, kh, vh, scale=scale).transpose(1, 2)
+    scores = (qh.float() @ kh.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    out = (probs @ vh.float()).to(q.dtype).transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _keep_mask(
+    seq_q: int, seq_k: int, kv_lengths: torch.Tensor | None, causal: bool, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean keep-mask broadcastable to (B, H, Sq, Sk), or None when nothing is masked."""
+    mask = None
+    if kv_lengths is not None:
+        keys = torch.arange(seq_k, device=device)
+        mask = (keys[None, :] < kv_lengths.to(device)[:, None])[:, None, None, :]  # (B, 1, 1, Sk)
+    if causal:
+        tri = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril(seq_k - seq_q)
+        mask = tri if mask is None else mask & tri
+    return mask
