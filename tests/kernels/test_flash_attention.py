@@ -99,3 +99,24 @@ def test_shape_errors_name_the_shapes() -> None:
         flash_attention_triton(q, torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8))
     with pytest.raises(ValueError, match="kv_lengths must have shape"):
         flash_attention_triton(q, q, q, kv_lengths=torch.tensor([1, 2]))
+
+
+@pytest.mark.integration
+def test_attention_benchmark_runs_and_writes_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
+    out = tmp_path / "a.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["triton_fwd_tflops"] > 0 and r["sdpa_bwd_tflops"] > 0 for r in rows)
