@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 # Triton decides at kernel decoration whether to interpret: set this before importing kernels.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-from step_infra.kernels.flash_attention import flash_attention_triton  # noqa: E402
+from step_infra.kernels.flash_attention import flash_attention_triton
 
 
 def _time_s(fn: Callable[[], object], *, repeats: int, cuda: bool) -> float:
