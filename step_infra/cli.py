@@ -84,18 +84,16 @@ def demo(
         raise typer.Exit(1) from exc
 
 
+# Each system's sub-commands live in its own package; those modules import only typer/rich.
+from step_infra.emulator.cli import plan as _plan  # noqa: E402
+from step_infra.recipes.cli import recipe as _recipe  # noqa: E402
 from step_infra.telemetry.cli import dashboard as _telemetry_dashboard  # noqa: E402
 from step_infra.telemetry.cli import telemetry_demo as _telemetry_demo  # noqa: E402
 
+app.command(name="plan")(_plan)
+app.command(name="recipe")(_recipe)
 app.command(name="dashboard")(_telemetry_dashboard)
 app.command(name="telemetry-demo")(_telemetry_demo)
-
-from step_infra.recipes.cli import recipe as _recipe  # noqa: E402
-from step_infra.emulator.cli import plan as _plan  # noqa: E402
-
-app.command(name="plan")(_plan)
-
-app.command(name="recipe")(_recipe)
 
 
 def main() -> None:
