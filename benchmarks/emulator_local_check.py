@@ -1,11 +1,11 @@
 """Emulator vs a real training step on this machine: tiny-DiT stand-in, three layouts.
 
-Calibrates this machine (``hwprobe``, one profile for 1 rank and one measured with 2 ranks at
-once, 1 torch thread per rank), times a training step of the plain-torch ``tiny-dit`` stand-in
-(1 rank; DP=2 DDP over gloo; TP=2 Megatron split over gloo) and prints the emulator's predicted
-step time next to the measured one. The issue's mark: within 20 % for at least three layouts.
-On a shared 2-core machine the measured times include other processes' load: read the
-``load_avg`` column before trusting an error.
+Calibrates this machine right before each layout (``hwprobe``; for 2-rank layouts the compute
+rates are measured with 2 ranks at once; 1 torch thread per rank), times a training step of the
+plain-torch ``tiny-dit`` stand-in (1 rank; DP=2 DDP over gloo; TP=2 Megatron split over gloo)
+and prints the emulator's predicted step time next to the measured one. The issue's mark: within 20 % for at least three layouts.
+On a shared 2-core machine the measured times include other processes' load: read the load
+average it prints before trusting an error.
 
     python benchmarks/emulator_local_check.py --json runs/bench/emulator_local_check.json
 """
@@ -41,13 +41,15 @@ def main() -> None:
         batch=args.batch, seq_len=args.seq_len, steps=4 if args.quick else 8, warmup=2
     )
     with tempfile.TemporaryDirectory() as tmp:
-        profiles = {}
-        for ranks in (1, 2):
+
+        def profile_for(ranks: int) -> Path:
+            # Measured right before the layout runs: same background load for both.
             path = Path(tmp) / f"hw{ranks}.json"
             calibrate(path, cfg=probe_cfg, ranks_per_node=ranks)
-            profiles[ranks] = path
+            return path
+
         load_before = os.getloadavg()[0]
-        rows = run_local_check(profiles, check_cfg)
+        rows = run_local_check(profile_for, check_cfg)
         load_after = os.getloadavg()[0]
     table = Table(
         title=f"tiny-DiT stand-in: predicted vs measured step (seq {args.seq_len}, batch {args.batch}/rank)"

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,7 @@ def predict_layout(profile_path: str | Path, tp: int, dp: int, cfg: CheckConfig)
 
 
 def run_local_check(
-    profiles: dict[int, str | Path],
+    profiles: dict[int, str | Path] | Callable[[int], str | Path],
     cfg: CheckConfig | None = None,
     *,
     layouts: dict[str, tuple[int, int]] | None = None,
@@ -276,7 +277,9 @@ def run_local_check(
     """Measure and predict every layout; one dict per layout with the ratio and error.
 
     ``profiles`` maps a world size to the hardware profile measured with that many ranks at once
-    (``hwprobe.calibrate(..., ranks_per_node=n)``): ranks sharing a CPU get less each.
+    (``hwprobe.calibrate(..., ranks_per_node=n)``): ranks sharing a CPU get less each. A
+    callable is called right before each layout is timed, so on a shared machine the profile and
+    the step see the same background load.
     """
     from step_infra.emulator import get_model
 
@@ -285,10 +288,14 @@ def run_local_check(
     rows = []
     for name, (tp, dp) in (layouts or LAYOUTS).items():
         world = tp * dp
-        if world not in profiles:
+        if callable(profiles):
+            profile = profiles(world)
+        elif world in profiles:
+            profile = profiles[world]
+        else:
             raise ValueError(f"no hardware profile for {world} rank(s); have {sorted(profiles)}")
         measured = measure_layout(tp, dp, cfg, text_tokens=text_tokens)
-        pred = predict_layout(profiles[world], tp, dp, cfg)
+        pred = predict_layout(profile, tp, dp, cfg)
         rows.append(
             {
                 "layout": name,

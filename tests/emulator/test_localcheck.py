@@ -74,3 +74,14 @@ def test_tp2_and_dp2_run_on_gloo(tmp_path: Path) -> None:
     assert [r["layout"] for r in rows] == ["DP=2 gloo", "TP=2 gloo"]
     for r in rows:
         assert r["measured_step_s"] > 0 and math.isfinite(r["error"])
+
+
+def test_profile_callable_is_called_per_layout(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def profile_for(ranks: int) -> Path:
+        calls.append(ranks)
+        return _profile(tmp_path, ranks)
+
+    rows = run_local_check(profile_for, SMALL, layouts={"1 rank": (1, 1)})
+    assert calls == [1] and rows[0]["predicted_step_s"] > 0
