@@ -16,9 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TrainerRate = float | Callable[[np.ndarray], np.ndarray]
 
@@ -136,6 +139,8 @@ def allocation_table(
         raise ValueError(
             f"trainer_unit {trainer_unit} leaves no GPU for encoders out of {total_gpus}"
         )
+    import pandas as pd  # lazily: the CLI imports this package at start-up
+
     rv, rt = float(vae_samples_per_s_per_gpu), float(text_samples_per_s_per_gpu)
     demand = _trainer_rates(trainer_samples_per_s, sizes)
     left = total_gpus - sizes
@@ -151,6 +156,7 @@ def allocation_table(
     vae = np.where(feasible, vae, v_starved)
     text = np.where(feasible, text, t_starved)
     supply = np.minimum(vae * rv, text * rt)
+
     return pd.DataFrame(
         {
             "trainer_gpus": sizes,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from step_infra.emulator.allocation import Allocation, allocate_gpus
 from step_infra.emulator.counts import parameter_count
@@ -13,6 +12,9 @@ from step_infra.emulator.estimate import Estimate, estimate
 from step_infra.emulator.plan_io import save_plan
 from step_infra.emulator.search import pareto, row_strategy, search
 from step_infra.emulator.specs import ClusterSpec, ModelSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Assumed encoder throughput (samples/s per GPU) for a 204x544x992 clip on one H100 when
 # nothing is measured: an order-of-magnitude guess, not a measurement. Pass measured rates

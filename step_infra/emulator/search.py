@@ -8,10 +8,9 @@ throughput); ``pareto`` keeps the layouts no other beats on both time and memory
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
-import pandas as pd
 
 from step_infra.emulator.costmodel import evaluate
 from step_infra.emulator.estimate import throughput_columns
@@ -25,6 +24,9 @@ from step_infra.emulator.strategy import (
     Strategy,
     strategy_rules,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _divisors(n: int, limit: int) -> list[int]:
@@ -101,8 +103,11 @@ def search(
             f"no valid layout of {model.name} on {cluster.num_gpus} GPUs with global batch {global_batch}"
             f" and {fixed or 'no constraints'}: try a global batch that is a multiple of more GPU counts"
         )
+    import pandas as pd  # lazily: the CLI imports this package at start-up
+
     priced = evaluate(model, cluster, c)
     priced.update(throughput_columns(model, cluster, c, priced))
+
     frame = pd.DataFrame({**c, **priced})
     frame["cp_kind"] = np.array(CP_KINDS)[frame.pop("ring").to_numpy()]
     frame["recompute"] = np.array(RECOMPUTE)[frame["recompute"].to_numpy()]
