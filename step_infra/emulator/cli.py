@@ -1,4 +1,4 @@
-"""``step-infra plan``: imports only typer/rich at start-up (``calibrate`` is in calibrate_cmd)."""
+"""``step-infra plan``: imports only typer/rich at start-up (``calibrate`` is in calibrate_cmd.py)."""
 
 from __future__ import annotations
 
