@@ -37,12 +37,13 @@ def layer_small_params(m: ModelSpec) -> int:
     """Norms, biases and modulation tables of one block.
 
     GPT (Megatron, biases on): ``13 h`` (Narayanan et al. 2021, eq. for P). Llama-style: two
-    RMSNorm gains ``2 h``. DiT: the adaLN-single table ``6 h`` plus per-head q/k RMSNorm gains
-    for self- and cross-attention ``4 head_dim``.
+    RMSNorm gains ``2 h``. DiT: the adaLN-single table ``6 h``, per-head q/k RMSNorm gains
+    for self- and cross-attention ``4 head_dim``, the affine LayerNorm before cross-attention
+    ``2 h`` and the MLP biases ``ffn + h``.
     """
-    assert m.head_dim is not None
+    assert m.head_dim is not None and m.ffn is not None
     if m.kind == "dit":
-        return 6 * m.hidden + 4 * m.head_dim
+        return 6 * m.hidden + 4 * m.head_dim + 2 * m.hidden + m.ffn + m.hidden
     return 13 * m.hidden if m.learned_positions else 2 * m.hidden
 
 
@@ -51,8 +52,9 @@ def embedding_params(m: ModelSpec) -> int:
 
     LM: token embedding ``V h`` (+ untied output head ``V h``) (+ learned positions ``s h``)
     + final norm. DiT (REFERENCE.md): patchify ``C h``, timestep MLP ``256 h + h^2``, shared
-    adaLN ``h x 6h``, caption projections (CLIP ``text_dim x h`` and the 2-layer LLM
-    projection ``2 h^2``), output ``h x C`` plus biases.
+    adaLN ``h x 6h``, caption projections (CLIP ``text_dim x h``; the LLM's ``h``-wide output
+    through an affine LayerNorm and a 2-layer projection ``2 h^2``), the final ``2 h`` adaLN
+    table and output ``h x C``, plus biases.
     """
     h = m.hidden
     if m.kind == "dit":
@@ -62,8 +64,8 @@ def embedding_params(m: ModelSpec) -> int:
             + (256 * h + h + h * h + h)
             + (6 * h * h + 6 * h)
             + (m.text_dim * h + h)
-            + (2 * h * h + 2 * h)
-            + (h * c + c)
+            + (2 * h + 2 * h * h + 2 * h)
+            + (2 * h + h * c + c)
         )
     emb = m.vocab * h * (1 if m.tied_embeddings else 2)
     if m.learned_positions:
