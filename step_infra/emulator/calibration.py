@@ -15,6 +15,7 @@ TP/DP communication, as Megatron-Core's performance recipes do.
 from __future__ import annotations
 
 import csv
+import os
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +42,21 @@ class CalibrationRow:
 
 
 def default_calibration_dir() -> Path:
-    """shared/calibration beside the project root (the checkout's parent holds shared/)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "shared" / "calibration"
-        if candidate.is_dir():
-            return candidate
-        candidate = parent.parent / "shared" / "calibration"
-        if candidate.is_dir():
-            return candidate
+    """``$STEP_INFRA_CALIBRATION_DIR``, else shared/calibration beside the project root."""
+    env = os.environ.get("STEP_INFRA_CALIBRATION_DIR")
+    if env:
+        if not Path(env).is_dir():
+            raise FileNotFoundError(f"STEP_INFRA_CALIBRATION_DIR={env} is not a directory")
+        return Path(env)
+    for parent in Path(__file__).resolve().parents:
+        for candidate in (
+            parent / "shared" / "calibration",
+            parent.parent / "shared" / "calibration",
+        ):
+            if candidate.is_dir():
+                return candidate
     raise FileNotFoundError(
-        "shared/calibration not found beside the project; pass its path explicitly"
+        "shared/calibration not found beside the project; set STEP_INFRA_CALIBRATION_DIR to its path"
     )
 
 
