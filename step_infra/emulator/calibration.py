@@ -15,8 +15,8 @@ TP/DP communication, as Megatron-Core's performance recipes do.
 from __future__ import annotations
 
 import csv
-import os
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
