@@ -1,0 +1,187 @@
+"""The receiving end of a pipe: an iterator of items, exactly once to the training loop.
+
+A consumer is one member of one group. It connects a DEALER to each producer address, says
+hello with ``prefetch`` credits, and hands items to the caller in arrival order (so one
+producer's items arrive in order). Taking the next item acknowledges the previous one and
+returns its credit: the producer only forgets an item once the trainer moved past it.
+Duplicates (by ``(producer, seq)``) are dropped; :meth:`Consumer.position` reports what was
+consumed so a restarted job resumes where it stopped. Memory is bounded by ``prefetch``
+items per producer link. Malformed frames are counted, logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+
+from step_infra.rpc.stats import PipeStats
+from step_infra.rpc.transport import transport_for
+from step_infra.rpc.wire import Item, WireError, decode_item
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsumerConfig:
+    """How a consumer receives."""
+
+    prefetch: int = 4
+    heartbeat_s: float = 1.0
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch {self.prefetch}; expected >= 1")
+        if self.heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s {self.heartbeat_s}; expected > 0")
+
+
+class _Seen:
+    """Consumed sequence numbers of one producer: a contiguous watermark plus stragglers."""
+
+    __slots__ = ("extra", "next")
+
+    def __init__(self, start: int = 0) -> None:
+        self.next = start
+        self.extra: set[int] = set()
+
+    def add(self, seq: int) -> bool:
+        if seq < self.next or seq in self.extra:
+            return False
+        self.extra.add(seq)
+        while self.next in self.extra:
+            self.extra.remove(self.next)
+            self.next += 1
+        return True
+
+
+class Consumer:
+    """Iterate the items of pipe ``pipe`` that producers send to group ``group``."""
+
+    def __init__(
+        self,
+        pipe: str,
+        addresses: Sequence[str],
+        *,
+        group: str = "g0",
+        member: str = "0",
+        config: ConsumerConfig | None = None,
+        resume: dict[str, int] | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError("addresses is empty; expected at least one producer address")
+        self.pipe = pipe
+        self.group = group
+        self.member = member
+        self.config = config or ConsumerConfig()
+        self.stats = PipeStats(pipe=pipe)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        ident = f"{group}/{member}".encode()
+        self._socks: list[zmq.Socket[bytes]] = []
+        self._poller = zmq.Poller()
+        for address in addresses:
+            sock = transport_for(address).connect(self._ctx, address, ident)
+            self._socks.append(sock)
+            self._poller.register(sock, zmq.POLLIN)
+            self._control(sock, {"k": "hello", "group": group, "credit": self.config.prefetch})
+        self._seen: dict[str, _Seen] = {p: _Seen(n) for p, n in (resume or {}).items()}
+        self._queue: deque[tuple[zmq.Socket[bytes], Item]] = deque()
+        self._taken: tuple[zmq.Socket[bytes], Item] | None = None
+        self._last_hb = time.monotonic()
+
+    def position(self) -> dict[str, int]:
+        """Per producer, the next sequence number not yet consumed (pass as ``resume``)."""
+        return {p: s.next for p, s in self._seen.items()}
+
+    def __iter__(self) -> Iterator[Item]:
+        return self
+
+    def __next__(self) -> Item:
+        item = self.get(timeout_s=self.config.timeout_s)
+        if item is None:
+            raise StopIteration
+        return item
+
+    def get(self, timeout_s: float | None = None) -> Item | None:
+        """The next item (acknowledging the previous one), or ``None`` after ``timeout_s``."""
+        self._release()
+        start = time.monotonic()
+        deadline = None if timeout_s is None else start + timeout_s
+        while not self._queue:
+            wait_ms = int(self.config.heartbeat_s * 1000)
+            if deadline is not None:
+                wait_ms = max(0, min(wait_ms, int((deadline - time.monotonic()) * 1000)))
+            self._receive(wait_ms)
+            self._heartbeat()
+            if not self._queue and deadline is not None and time.monotonic() >= deadline:
+                self.stats.wait_s += time.monotonic() - start
+                return None
+        self.stats.wait_s += time.monotonic() - start
+        sock, item = self._queue.popleft()
+        self._taken = (sock, item)
+        self.stats.items += 1
+        self.stats.bytes += item.nbytes
+        self.stats.queue_depth = len(self._queue)
+        return item
+
+    def close(self) -> None:
+        """Acknowledge the last item, say goodbye and close the sockets."""
+        try:
+            self._release()
+            for sock in self._socks:
+                self._control(sock, {"k": "bye"})
+        finally:
+            for sock in self._socks:
+                sock.close(linger=100)
+            self._ctx.term()
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- private
+    def _control(self, sock: zmq.Socket[bytes], msg: dict[str, Any]) -> None:
+        sock.send(msgpack.packb(msg, use_bin_type=True))
+
+    def _release(self) -> None:
+        if self._taken is None:
+            return
+        sock, item = self._taken
+        self._taken = None
+        self._control(sock, {"k": "credit", "n": 1, "acks": [item.seq]})
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_hb >= self.config.heartbeat_s:
+            self._last_hb = now
+            for sock in self._socks:
+                self._control(sock, {"k": "credit", "n": 0})
+
+    def _receive(self, wait_ms: int) -> None:
+        events = dict(self._poller.poll(wait_ms))
+        for sock in self._socks:
+            if sock not in events:
+                continue
+            while sock.poll(0, zmq.POLLIN):
+                frames = sock.recv_multipart(copy=False)
+                try:
+                    item = decode_item(frames)
+                except WireError as exc:
+                    self.stats.malformed += 1
+                    log.warning("pipe %s: dropped malformed frame: %s", self.pipe, exc)
+                    continue
+                seen = self._seen.setdefault(item.producer, _Seen())
+                if not seen.add(item.seq):
+                    self.stats.duplicates += 1
+                    self._control(sock, {"k": "credit", "n": 1, "acks": [item.seq]})
+                    continue
+                self._queue.append((sock, item))

@@ -1,0 +1,300 @@
+"""The sending end of a pipe: credit-based spray or broadcast to consumer groups.
+
+One ROUTER socket per producer; each consumer member connects a DEALER and announces itself
+(``hello``: group, member, initial credit). A member returns one credit per item its trainer
+takes and acknowledges it; heartbeats keep its lease. **spray** sends each item to the group
+with the most credit (every member of that group gets the same frames); **broadcast** sends
+each item to every group. The producer keeps every item until all members of its group(s)
+acknowledged it and blocks in :meth:`Producer.send` while unacknowledged bytes exceed
+``max_inflight_bytes`` (backpressure). A member whose lease expires is dropped; if its group
+is left empty, that group's unacknowledged items are re-sprayed to the other groups.
+Everything runs on the caller's thread (zmq sockets are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+
+from step_infra.rpc.stats import PipeStats
+from step_infra.rpc.transport import Transport, make_transport
+from step_infra.rpc.wire import encode_item
+
+log = logging.getLogger(__name__)
+
+MODES = ("spray", "broadcast")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProducerConfig:
+    """How a producer sends."""
+
+    mode: str = "spray"
+    transport: str = "tcp"
+    host: str = "127.0.0.1"
+    max_inflight_bytes: int = 512 << 20
+    lease_s: float = 10.0
+    send_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}; expected one of {MODES}")
+        if self.max_inflight_bytes <= 0:
+            raise ValueError(f"max_inflight_bytes {self.max_inflight_bytes}; expected > 0")
+        if self.lease_s <= 0:
+            raise ValueError(f"lease_s {self.lease_s}; expected > 0")
+
+
+@dataclass(slots=True)
+class _Member:
+    ident: bytes
+    group: str
+    credit: int
+    last_seen: float
+
+
+@dataclass(slots=True)
+class _Pending:
+    frames: list[Any]
+    nbytes: int
+    waiting: dict[str, set[bytes]] = field(default_factory=dict)  # group -> members yet to ack
+
+
+class Producer:
+    """Send items (dicts of tensors plus metadata) into pipe ``pipe``."""
+
+    def __init__(
+        self,
+        pipe: str,
+        *,
+        name: str = "producer-0",
+        config: ProducerConfig | None = None,
+        start_seq: int = 0,
+        transport: Transport | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.config = config or ProducerConfig()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        tr = transport or make_transport(self.config.transport)
+        self._sock, self.address = tr.bind(self._ctx, self.config.host)
+        self._seq = start_seq
+        self._members: dict[bytes, _Member] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._resend: deque[int] = deque()
+        self._inflight = 0
+        self._rr = 0
+        self.stats = PipeStats(pipe=pipe)
+
+    # ---------------------------------------------------------------- public
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes sent but not yet acknowledged by every receiving member."""
+        return self._inflight
+
+    @property
+    def unacked(self) -> int:
+        """Number of items not yet acknowledged."""
+        return len(self._pending)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Current consumer groups and their members."""
+        out: dict[str, list[str]] = {}
+        for m in self._members.values():
+            out.setdefault(m.group, []).append(m.ident.decode(errors="replace"))
+        return out
+
+    def wait_for_consumers(self, groups: int = 1, timeout_s: float = 10.0) -> None:
+        """Block until at least ``groups`` consumer groups said hello."""
+        deadline = time.monotonic() + timeout_s
+        while len({m.group for m in self._members.values()}) < groups:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.groups())} of {groups} consumer groups joined")
+            self._service(50)
+
+    def send(
+        self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+    ) -> int:
+        """Send one item; blocks on backpressure. Returns the item's sequence number."""
+        seq = self._seq
+        self._seq += 1
+        frames = encode_item(
+            pipe=self.pipe, producer=self.name, seq=seq, tensors=tensors, metadata=metadata
+        )
+        nbytes = sum(memoryview(f).nbytes for f in frames)
+        deadline = (
+            None
+            if self.config.send_timeout_s is None
+            else time.monotonic() + self.config.send_timeout_s
+        )
+        while self._inflight > 0 and self._inflight + nbytes > self.config.max_inflight_bytes:
+            self._wait(deadline)
+        self._pending[seq] = _Pending(frames=frames, nbytes=nbytes)
+        self._inflight += nbytes
+        self._resend.append(seq)
+        self._pump(deadline)
+        return seq
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Block until every sent item is acknowledged."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending:
+            self._pump(deadline)
+            if self._pending:
+                self._wait(deadline)
+
+    def poll(self, timeout_ms: int = 0) -> None:
+        """Process acks, credits and heartbeats; call while idle to keep leases fresh."""
+        self._service(timeout_ms)
+        self._pump(time.monotonic())
+
+    def close(self) -> None:
+        """Close the socket (unacknowledged items are lost with this process)."""
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- private
+    def _wait(self, deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"pipe {self.pipe!r}: no consumer credit or acks before the send timeout "
+                f"({self._inflight} bytes in flight, {len(self._resend)} queued)"
+            )
+        self._service(20)
+
+    def _pump(self, deadline: float | None) -> None:
+        """Send queued items while some target has credit."""
+        while self._resend:
+            self._service(0)
+            targets = self._targets()
+            if targets is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                self._wait(deadline)
+                continue
+            seq = self._resend.popleft()
+            pending = self._pending.get(seq)
+            if pending is None:
+                continue
+            for group, members in targets.items():
+                pending.waiting[group] = set()
+                for m in members:
+                    try:
+                        self._sock.send_multipart([m.ident, *pending.frames], copy=False)
+                    except zmq.ZMQError as exc:
+                        log.warning("pipe %s: member %r unreachable: %s", self.pipe, m.ident, exc)
+                        continue
+                    m.credit -= 1
+                    pending.waiting[group].add(m.ident)
+            self.stats.items += 1
+            self.stats.bytes += pending.nbytes
+            self.stats.queue_depth = len(self._resend)
+
+    def _targets(self) -> dict[str, list[_Member]] | None:
+        by_group: dict[str, list[_Member]] = {}
+        for m in self._members.values():
+            by_group.setdefault(m.group, []).append(m)
+        if not by_group:
+            return None
+        credit = {g: min(m.credit for m in ms) for g, ms in by_group.items()}
+        if self.config.mode == "broadcast":
+            return by_group if all(c > 0 for c in credit.values()) else None
+        best = max(credit.values())
+        if best <= 0:
+            return None
+        names = sorted(g for g, c in credit.items() if c == best)
+        self._rr += 1
+        group = names[self._rr % len(names)]
+        return {group: by_group[group]}
+
+    def _service(self, timeout_ms: int) -> None:
+        """Read control messages from consumers and expire leases."""
+        wait = timeout_ms
+        while self._sock.poll(wait, zmq.POLLIN):
+            wait = 0
+            frames = self._sock.recv_multipart()
+            if len(frames) != 2:
+                self.stats.malformed += 1
+                continue
+            self._on_control(frames[0], frames[1])
+        self._expire()
+
+    def _on_control(self, ident: bytes, raw: bytes) -> None:
+        try:
+            msg = msgpack.unpackb(raw, raw=False)
+            kind = msg["k"]
+        except Exception:  # garbage from a peer: count and drop, keep the link
+            self.stats.malformed += 1
+            log.warning("pipe %s: malformed control frame from %r", self.pipe, ident)
+            return
+        now = time.monotonic()
+        member = self._members.get(ident)
+        if kind == "hello":
+            group = str(msg.get("group", ""))
+            self._members[ident] = _Member(ident, group, int(msg.get("credit", 1)), now)
+            log.info("pipe %s: %r joined group %r", self.pipe, ident, group)
+            return
+        if member is None:
+            return  # unknown peer (e.g. expired): it must say hello again
+        member.last_seen = now
+        if kind == "credit":
+            member.credit += int(msg.get("n", 1))
+        if kind in ("credit", "ack"):
+            for seq in msg.get("acks", ()):
+                self._ack(int(seq), member)
+        if kind == "bye":
+            self._drop(member)
+
+    def _ack(self, seq: int, member: _Member) -> None:
+        pending = self._pending.get(seq)
+        if pending is None:
+            return
+        waiting = pending.waiting.get(member.group)
+        if waiting is None:
+            return
+        waiting.discard(member.ident)
+        if not waiting:
+            del pending.waiting[member.group]
+            if not pending.waiting:
+                del self._pending[seq]
+                self._inflight -= pending.nbytes
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for m in [m for m in self._members.values() if now - m.last_seen > self.config.lease_s]:
+            log.warning("pipe %s: lease of %r expired", self.pipe, m.ident)
+            self._drop(m)
+
+    def _drop(self, member: _Member) -> None:
+        self._members.pop(member.ident, None)
+        group_alive = any(m.group == member.group for m in self._members.values())
+        resend: list[int] = []
+        for seq, pending in sorted(self._pending.items()):
+            waiting = pending.waiting.get(member.group)
+            if waiting is None:
+                continue
+            waiting.discard(member.ident)
+            if group_alive and waiting:
+                continue
+            del pending.waiting[member.group]
+            if not group_alive and self.config.mode == "spray":
+                resend.append(seq)  # the group is gone: another group gets the item
+                self.stats.resent += 1
+            elif not pending.waiting:
+                del self._pending[seq]
+                self._inflight -= pending.nbytes
+        self._resend.extendleft(reversed(resend))  # oldest first, ahead of new items

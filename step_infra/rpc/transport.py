@@ -1,0 +1,105 @@
+"""Data-plane transports behind one small interface.
+
+A :class:`Transport` makes the two zmq sockets of a link: the producer's ROUTER (one per
+producer, consumers address it) and a consumer's DEALER (one per producer it reads from, so
+credits and acks reach the right producer). ``tcp`` works across hosts; ``ipc`` (a Unix
+socket, same host only) skips the TCP stack. Sockets never drop silently (HWM 0: credits bound
+what is queued) and close with ``linger=0``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+import zmq
+
+
+class Transport(Protocol):
+    """Makes the sockets of one link."""
+
+    @property
+    def name(self) -> str:
+        """The transport's name (``tcp``, ``ipc``)."""
+        ...
+
+    def bind(self, ctx: zmq.Context[zmq.Socket[bytes]], host: str) -> tuple[zmq.Socket[bytes], str]:
+        """A bound ROUTER socket and the address consumers connect to."""
+        ...
+
+    def connect(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes
+    ) -> zmq.Socket[bytes]:
+        """A DEALER socket with ``identity`` connected to ``address``."""
+        ...
+
+
+def _tune(sock: zmq.Socket[bytes]) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpTransport:
+    """pyzmq over TCP with zero-copy frames."""
+
+    name: str = "tcp"
+
+    def bind(self, ctx: zmq.Context[zmq.Socket[bytes]], host: str) -> tuple[zmq.Socket[bytes], str]:
+        sock = ctx.socket(zmq.ROUTER)
+        _tune(sock)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        return sock, f"tcp://{host}:{port}"
+
+    def connect(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes
+    ) -> zmq.Socket[bytes]:
+        sock = ctx.socket(zmq.DEALER)
+        _tune(sock)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(address)
+        return sock
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IpcTransport:
+    """pyzmq over a Unix-domain socket: same host only."""
+
+    name: str = "ipc"
+
+    def bind(self, ctx: zmq.Context[zmq.Socket[bytes]], host: str) -> tuple[zmq.Socket[bytes], str]:
+        sock = ctx.socket(zmq.ROUTER)
+        _tune(sock)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        path = os.path.join(tempfile.gettempdir(), f"steprpc-{uuid.uuid4().hex[:12]}.sock")
+        address = f"ipc://{path}"
+        sock.bind(address)
+        return sock, address
+
+    def connect(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes
+    ) -> zmq.Socket[bytes]:
+        sock = ctx.socket(zmq.DEALER)
+        _tune(sock)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(address)
+        return sock
+
+
+def make_transport(name: str) -> Transport:
+    """The transport called ``name`` (``tcp`` or ``ipc``)."""
+    if name == "tcp":
+        return TcpTransport()
+    if name == "ipc":
+        return IpcTransport()
+    raise ValueError(f"transport {name!r} is not available; expected 'tcp' or 'ipc'")
+
+
+def transport_for(address: str) -> Transport:
+    """The transport that reaches ``address`` (by its scheme)."""
+    return make_transport(address.split("://", 1)[0])

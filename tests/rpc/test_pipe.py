@@ -1,0 +1,176 @@
+"""Producer/consumer over real loopback sockets (threads in one process)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from step_infra.rpc.consumer import Consumer, ConsumerConfig
+from step_infra.rpc.producer import Producer, ProducerConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _consume(c: Consumer, out: list, stop: threading.Event, delay_s: float = 0.0) -> None:
+    while not stop.is_set():
+        item = c.get(timeout_s=0.2)
+        if item is None:
+            continue
+        out.append((item.producer, item.seq, float(item.tensors["x"].sum())))
+        if delay_s:
+            time.sleep(delay_s)
+    c.close()
+
+
+def _run(producer: Producer, consumers: list[Consumer], n: int, delays: list[float]) -> list[list]:
+    outs: list[list] = [[] for _ in consumers]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_consume, args=(c, o, stop, d))
+        for c, o, d in zip(consumers, outs, delays, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    producer.wait_for_consumers(groups=len({c.group for c in consumers}))
+    for i in range(n):
+        producer.send({"x": torch.full((8,), float(i))}, {"id": i})
+    producer.flush(timeout_s=30)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    return outs
+
+
+def test_spray_exactly_once_in_order() -> None:
+    with Producer("p", config=ProducerConfig()) as prod:
+        cons = [Consumer("p", [prod.address], group=f"g{i}") for i in range(3)]
+        outs = _run(prod, cons, 60, [0.0, 0.0, 0.0])
+    seqs = sorted(s for o in outs for _, s, _ in o)
+    assert seqs == list(range(60))
+    for o in outs:
+        assert [s for _, s, _ in o] == sorted(s for _, s, _ in o)  # per-producer order
+        assert all(v == 8.0 * s for _, s, v in o)
+        assert len(o) > 0
+
+
+def test_group_members_get_same_items() -> None:
+    with Producer("p") as prod:
+        cons = [
+            Consumer("p", [prod.address], group="a", member="0"),
+            Consumer("p", [prod.address], group="a", member="1"),
+            Consumer("p", [prod.address], group="b", member="0"),
+        ]
+        prod.wait_for_consumers(groups=2)
+        time.sleep(0.2)  # let the second member of "a" say hello
+        outs = _run(prod, cons, 40, [0.0, 0.0, 0.0])
+    assert [s for _, s, _ in outs[0]] == [s for _, s, _ in outs[1]]
+    assert sorted(s for _, s, _ in outs[0] + outs[2]) == list(range(40))
+
+
+def test_broadcast_every_group_every_item() -> None:
+    with Producer("p", config=ProducerConfig(mode="broadcast")) as prod:
+        cons = [Consumer("p", [prod.address], group=f"g{i}") for i in range(2)]
+        outs = _run(prod, cons, 30, [0.0, 0.0])
+    for o in outs:
+        assert [s for _, s, _ in o] == list(range(30))
+
+
+def test_faster_group_gets_more() -> None:
+    with Producer("p") as prod:
+        cons = [
+            Consumer("p", [prod.address], group=f"g{i}", config=ConsumerConfig(prefetch=1))
+            for i in range(2)
+        ]
+        outs = _run(prod, cons, 60, [0.01, 0.02])
+    ratio = len(outs[0]) / max(len(outs[1]), 1)
+    assert 1.4 < ratio < 2.8, ratio
+
+
+def test_backpressure_bounds_inflight() -> None:
+    item_bytes = 4096 * 4
+    cfg = ProducerConfig(max_inflight_bytes=3 * item_bytes + 1024)
+    with Producer("p", config=cfg) as prod:
+        cons = Consumer("p", [prod.address], group="g", config=ConsumerConfig(prefetch=64))
+        prod.wait_for_consumers()
+        peak = 0
+        done = threading.Event()
+        got: list[int] = []
+
+        def slow() -> None:
+            while len(got) < 20:
+                item = cons.get(timeout_s=5)
+                assert item is not None
+                got.append(item.seq)
+                time.sleep(0.01)
+            cons.close()
+            done.set()
+
+        t = threading.Thread(target=slow)
+        t.start()
+        for _ in range(20):
+            prod.send({"x": torch.zeros(4096)})
+            peak = max(peak, prod.inflight_bytes)
+        prod.flush()
+        t.join(10)
+    assert got == list(range(20))
+    assert peak <= cfg.max_inflight_bytes
+
+
+def test_lease_expiry_resprays_unacked() -> None:
+    cfg = ProducerConfig(lease_s=0.5)
+    with Producer("p", config=cfg) as prod:
+        # "dead" says hello (4 credits) but never takes anything nor heartbeats
+        dead = Consumer("p", [prod.address], group="dead", config=ConsumerConfig(prefetch=4))
+        live = Consumer("p", [prod.address], group="live", config=ConsumerConfig(heartbeat_s=0.1))
+        got: list = []
+        stop = threading.Event()
+        t = threading.Thread(target=_consume, args=(live, got, stop))
+        t.start()
+        prod.wait_for_consumers(groups=2)
+        for i in range(10):
+            prod.send({"x": torch.full((8,), float(i))})
+        prod.flush(timeout_s=20)
+        stop.set()
+        t.join(10)
+        dead.close()
+        assert sorted(s for _, s, _ in got) == list(range(10))
+        assert prod.stats.resent > 0
+
+
+def test_resume_skips_consumed_and_dedupes() -> None:
+    with Producer("p", name="A") as prod:
+        c = Consumer("p", [prod.address], group="g", resume={"A": 5})
+        outs = _run(prod, [c], 8, [0.0])
+    assert [s for _, s, _ in outs[0]] == [5, 6, 7]
+    assert c.stats.duplicates == 5
+    assert c.position() == {"A": 8}
+
+
+def test_malformed_frames_counted_link_survives() -> None:
+    with Producer("p") as prod:
+        c = Consumer("p", [prod.address], group="g")
+        prod.wait_for_consumers()
+        # garbage on the control path
+        ctx = zmq.Context()
+        bad = ctx.socket(zmq.DEALER)
+        bad.setsockopt(zmq.LINGER, 0)
+        bad.connect(prod.address)
+        bad.send(b"\xc1garbage")
+        bad.send_multipart([b"a", b"b"])
+        # garbage on the data path: a raw frame set straight to the consumer
+        ident = b"g/0"
+        prod.poll(50)
+        prod._sock.send_multipart([ident, b"\xff\x00junk", b"x"])
+        prod.send({"x": torch.ones(3)})
+        item = c.get(timeout_s=5)
+        assert item is not None and item.seq == 0
+        assert c.stats.malformed == 1
+        prod.poll(100)
+        assert prod.stats.malformed == 2
+        bad.close()
+        ctx.term()
+        c.close()
