@@ -1,6 +1,6 @@
 # step-infra: the two commands a newcomer needs are `make demo` and `make test`.
 # Every target builds .venv itself from the machine's python3; a stamp keyed on the hash of
-# pyproject.toml makes a second run skip installation entirely.
+# pyproject.toml and this Makefile makes a second run skip installation entirely.
 
 PYTHON ?= python3
 VENV := .venv
@@ -48,7 +48,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@mkdir -p runs/bench
 	@set -e; found=0; for script in benchmarks/*.py; do \
-		[ -e "$$script" ] || continue; found=1; \
+		[ -e "$$script" ] || continue; case $$(basename $$script) in _*) continue;; esac; found=1; \
 		name=$$(basename $$script .py); \
 		echo "== $$script"; \
 		$(BIN)/python $$script --json runs/bench/$$name.json; \

@@ -14,29 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import best_time_s
 
 # Triton decides at kernel decoration whether to interpret: set this before importing kernels.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 from step_infra.kernels.flash_attention import flash_attention_triton
-
-
-def _time_s(fn: Callable[[], object], *, repeats: int, cuda: bool) -> float:
-    fn()  # warm-up (compilation, autotuning)
-    if cuda:
-        torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,10 +49,10 @@ def bench_case(
         ("triton", lambda: flash_attention_triton(q, k, v)),
         ("sdpa", lambda: _sdpa(q, k, v)),
     ):
-        fwd = _time_s(fn, repeats=repeats, cuda=cuda)
+        fwd = best_time_s(fn, repeats=repeats, cuda=cuda)
         out = fn()
         grad = torch.randn_like(out)
-        bwd = _time_s(
+        bwd = best_time_s(
             lambda out=out, grad=grad: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True),
             repeats=repeats,
             cuda=cuda,

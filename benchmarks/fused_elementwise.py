@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from collections.abc import Callable
 
 import torch
+from _timing import best_time_s
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 from step_infra.kernels.adaln import (
@@ -25,20 +24,6 @@ from step_infra.kernels.adaln import (
     gated_residual,
     gated_residual_reference,
 )
-
-
-def _best_s(fn: Callable[[], object], cuda: bool, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -76,7 +61,10 @@ def main() -> None:
     print(note)
     rows = []
     for name, (nbytes, fused, plain) in cases.items():
-        t_fused, t_plain = _best_s(fused, cuda, repeats), _best_s(plain, cuda, repeats)
+        t_fused, t_plain = (
+            best_time_s(fused, repeats=repeats, cuda=cuda),
+            best_time_s(plain, repeats=repeats, cuda=cuda),
+        )
         rows.append(
             {
                 "kernel": name,

@@ -79,20 +79,25 @@ def _cluster(row: dict[str, str]) -> ClusterSpec:
     )
 
 
+def _lm_spec(r: dict[str, str], name: str, **extra: object) -> ModelSpec:
+    """The columns every calibration CSV shares, plus what that source adds."""
+    return ModelSpec(
+        name=name,
+        layers=int(r["layers"]),
+        hidden=int(r["hidden"]),
+        heads=int(r["heads"]),
+        vocab=int(r["vocab"]),
+        seq_len=int(r["seq_len"]),
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def load_rows(directory: str | Path | None = None) -> list[CalibrationRow]:
     """Every row of the three calibration CSVs as emulator inputs."""
     d = Path(directory) if directory is not None else default_calibration_dir()
     rows: list[CalibrationRow] = []
     for r in csv.DictReader((d / "megatron_2021_weak_scaling.csv").open()):
-        m = ModelSpec(
-            name=r["model"],
-            layers=int(r["layers"]),
-            hidden=int(r["hidden"]),
-            heads=int(r["heads"]),
-            vocab=int(r["vocab"]),
-            seq_len=int(r["seq_len"]),
-            learned_positions=True,
-        )
+        m = _lm_spec(r, r["model"], learned_positions=True)
         pp = int(r["pp"])
         vpp = 2 if pp > 1 and m.layers % (2 * pp) == 0 else 1
         st = Strategy(
@@ -117,15 +122,7 @@ def load_rows(directory: str | Path | None = None) -> list[CalibrationRow]:
             )
         )
     for r in csv.DictReader((d / "megatron_2024_h100_weak_scaling.csv").open()):
-        m = ModelSpec(
-            name=r["model"] + "-2024",
-            layers=int(r["layers"]),
-            hidden=int(r["hidden"]),
-            heads=int(r["heads"]),
-            vocab=int(r["vocab"]),
-            seq_len=int(r["seq_len"]),
-            tied_embeddings=False,
-        )
+        m = _lm_spec(r, r["model"] + "-2024", tied_embeddings=False)
         tp = int(r["tp"])
         st = Strategy(
             tp=tp,
@@ -145,16 +142,12 @@ def load_rows(directory: str | Path | None = None) -> list[CalibrationRow]:
             )
         )
     for r in csv.DictReader((d / "megatron_bridge_h100_fp8.csv").open()):
-        m = ModelSpec(
-            name=r["model"],
-            layers=int(r["layers"]),
-            hidden=int(r["hidden"]),
-            heads=int(r["heads"]),
+        m = _lm_spec(
+            r,
+            r["model"],
             kv_heads=int(r["kv_heads"]),
             ffn=int(r["ffn_hidden"]),
             gated_mlp=True,
-            vocab=int(r["vocab"]),
-            seq_len=int(r["seq_len"]),
             tied_embeddings=False,
         )
         tp = int(r["tp"])
