@@ -14,6 +14,17 @@ _EXPORTS = {
     "WireError": "wire",
     "encode_item": "wire",
     "decode_item": "wire",
+    "Producer": "producer",
+    "ProducerConfig": "producer",
+    "Consumer": "consumer",
+    "ConsumerConfig": "consumer",
+    "PipeDataset": "dataset",
+    "PipeStats": "stats",
+    "Transport": "transport",
+    "make_transport": "transport",
+    "Registry": "registry",
+    "RegistryClient": "registry",
+    "RegistryConfig": "registry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -174,3 +174,21 @@ def test_malformed_frames_counted_link_survives() -> None:
         bad.close()
         ctx.term()
         c.close()
+
+
+def test_iterable_dataset_adapter() -> None:
+    from torch.utils.data import DataLoader
+
+    from step_infra.rpc.dataset import PipeDataset
+
+    with Producer("p") as prod:
+        ds = PipeDataset("p", [prod.address], group="g", limit=5)
+        got: list[dict] = []
+        t = threading.Thread(target=lambda: got.extend(DataLoader(ds, batch_size=None)))
+        t.start()
+        prod.wait_for_consumers()
+        for i in range(6):
+            prod.send({"x": torch.full((2,), float(i))}, {"id": i})
+        t.join(20)
+    assert [int(b["metadata"]["id"]) for b in got] == [0, 1, 2, 3, 4]
+    assert torch.equal(got[3]["x"], torch.full((2,), 3.0))
