@@ -37,7 +37,7 @@ def stage_environment(out: Path, console: Console) -> dict[str, str]:
 
 def stage_plan(out: Path, console: Console) -> dict[str, str]:
     """Step Emulator: plan the Step-Video 30B run on 2,048 H100s (204x544x992 clips), and the
-    demo's tiny DiT on this machine when a calibrated profile exists."""
+    demo's tiny DiT on this machine's measured profile."""
     from step_infra.emulator import cluster_for, get_model
     from step_infra.emulator.cli import print_plan
     from step_infra.emulator.planner import make_plan, plot_plan, write_plan
@@ -51,16 +51,16 @@ def stage_plan(out: Path, console: Console) -> dict[str, str]:
         "30B plan (TOML)": str(write_plan(big, plan_dir / "stepvideo-t2v-30b.toml")),
         "30B plan (plot)": str(plot_plan(big, plan_dir / "stepvideo-t2v-30b.png")),
     }
-    profile = Path("runs/hardware_profile.json")
-    if profile.exists():
-        local = ClusterSpec.from_profile(profile)
-        tiny = make_plan(get_model("tiny-dit"), local, global_batch=8, vae_rate=None)
-        print_plan(tiny, console, top=3)
-        outputs["tiny plan (TOML)"] = str(write_plan(tiny, plan_dir / "tiny-dit.toml"))
-    else:
-        console.print(
-            f"(no {profile}: run `step-infra calibrate` to plan the tiny model on this machine)"
-        )
+    # the tiny model on this machine: measure it first (quick probe, a few seconds)
+    from step_infra.emulator.hwprobe import calibrate, quick_config
+
+    profile = plan_dir / "hardware_profile.json"
+    calibrate(profile, cfg=quick_config(gloo=False), ranks_per_node=2)
+    local = ClusterSpec.from_profile(profile)
+    tiny = make_plan(get_model("tiny-dit"), local, global_batch=8, vae_rate=None)
+    print_plan(tiny, console, top=3)
+    outputs["hardware profile"] = str(profile)
+    outputs["tiny plan (TOML)"] = str(write_plan(tiny, plan_dir / "tiny-dit.toml"))
     return outputs
 
 
