@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from step_infra.rpc.shm import ShmReader, select_endpoint
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import transport_for
 from step_infra.rpc.wire import Item, WireError, decode_item
@@ -33,6 +34,7 @@ class ConsumerConfig:
     """How a consumer receives."""
 
     prefetch: int = 4
+    transport: str | None = None  # None: shm when the producer is on this host, else tcp
     heartbeat_s: float = 1.0
     timeout_s: float | None = None
 
@@ -86,11 +88,16 @@ class Consumer:
         ident = f"{group}/{member}".encode()
         self._socks: list[zmq.Socket[bytes]] = []
         self._poller = zmq.Poller()
+        self._shm = ShmReader()
+        self.transports: list[str] = []
         for address in addresses:
-            sock = transport_for(address).connect(self._ctx, address, ident)
+            target, use_shm = select_endpoint(address, self.config.transport)
+            sock = transport_for(target).connect(self._ctx, target, ident)
             self._socks.append(sock)
+            self.transports.append("shm" if use_shm else target.split("://", 1)[0])
             self._poller.register(sock, zmq.POLLIN)
-            self._control(sock, {"k": "hello", "group": group, "credit": self.config.prefetch})
+            hello = {"k": "hello", "group": group, "credit": self.config.prefetch, "shm": use_shm}
+            self._control(sock, hello)
         self._seen: dict[str, _Seen] = {p: _Seen(n) for p, n in (resume or {}).items()}
         self._queue: deque[tuple[zmq.Socket[bytes], Item]] = deque()
         self._taken: tuple[zmq.Socket[bytes], Item] | None = None
@@ -141,6 +148,7 @@ class Consumer:
             for sock in self._socks:
                 sock.close(linger=100)
             self._ctx.term()
+            self._shm.close()
 
     def __enter__(self) -> Consumer:
         return self
@@ -174,7 +182,7 @@ class Consumer:
             while sock.poll(0, zmq.POLLIN):
                 frames = sock.recv_multipart(copy=False)
                 try:
-                    item = decode_item(frames)
+                    item = decode_item(frames, shm=self._shm)
                 except WireError as exc:
                     self.stats.malformed += 1
                     log.warning("pipe %s: dropped malformed frame: %s", self.pipe, exc)

@@ -13,8 +13,12 @@ Everything runs on the caller's thread (zmq sockets are not thread-safe).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 import time
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,9 +28,10 @@ import msgpack
 import torch
 import zmq
 
+from step_infra.rpc.shm import Segment, ShmPool, shm_address, shm_available
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import Transport, make_transport
-from step_infra.rpc.wire import encode_item
+from step_infra.rpc.wire import encode_item, shm_bytes, to_shm_frames
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,7 @@ class ProducerConfig:
 
     mode: str = "spray"
     transport: str = "tcp"
+    shm: bool = True
     host: str = "127.0.0.1"
     max_inflight_bytes: int = 512 << 20
     lease_s: float = 10.0
@@ -59,6 +65,7 @@ class _Member:
     group: str
     credit: int
     last_seen: float
+    shm: bool = False
 
 
 @dataclass(slots=True)
@@ -66,6 +73,8 @@ class _Pending:
     frames: list[Any]
     nbytes: int
     waiting: dict[str, set[bytes]] = field(default_factory=dict)  # group -> members yet to ack
+    shm_frames: list[bytes] | None = None
+    segment: Segment | None = None
 
 
 class Producer:
@@ -86,6 +95,14 @@ class Producer:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         tr = transport or make_transport(self.config.transport)
         self._sock, self.address = tr.bind(self._ctx, self.config.host)
+        self._pool: ShmPool | None = None
+        if self.config.shm and shm_available():
+            # same-host consumers connect here and get payloads through shared memory
+            ipc = f"ipc://{tempfile.gettempdir()}/steprpc-{uuid.uuid4().hex[:12]}.sock"
+            self._sock.bind(ipc)
+            self._ipc_path = ipc.removeprefix("ipc://")
+            self.address = f"{self.address};{shm_address(ipc)}"
+            self._pool = ShmPool()
         self._seq = start_seq
         self._members: dict[bytes, _Member] = {}
         self._pending: dict[int, _Pending] = {}
@@ -160,6 +177,10 @@ class Producer:
         """Close the socket (unacknowledged items are lost with this process)."""
         self._sock.close(linger=0)
         self._ctx.term()
+        if self._pool is not None:
+            self._pool.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._ipc_path)
 
     def __enter__(self) -> Producer:
         return self
@@ -193,8 +214,9 @@ class Producer:
             for group, members in targets.items():
                 pending.waiting[group] = set()
                 for m in members:
+                    frames = self._shm_frames(pending) if m.shm else pending.frames
                     try:
-                        self._sock.send_multipart([m.ident, *pending.frames], copy=False)
+                        self._sock.send_multipart([m.ident, *frames], copy=False)
                     except zmq.ZMQError as exc:
                         log.warning("pipe %s: member %r unreachable: %s", self.pipe, m.ident, exc)
                         continue
@@ -203,6 +225,19 @@ class Producer:
             self.stats.items += 1
             self.stats.bytes += pending.nbytes
             self.stats.queue_depth = len(self._resend)
+
+    def _shm_frames(self, pending: _Pending) -> list[Any]:
+        if pending.shm_frames is None:
+            assert self._pool is not None, "a member announced shm on a producer without shm"
+            pending.segment = self._pool.acquire(shm_bytes(pending.frames))
+            pending.shm_frames = to_shm_frames(pending.frames, pending.segment)
+        return pending.shm_frames
+
+    def _forget(self, seq: int) -> None:
+        pending = self._pending.pop(seq)
+        self._inflight -= pending.nbytes
+        if pending.segment is not None and self._pool is not None:
+            self._pool.release(pending.segment)
 
     def _targets(self) -> dict[str, list[_Member]] | None:
         by_group: dict[str, list[_Member]] = {}
@@ -245,7 +280,8 @@ class Producer:
         member = self._members.get(ident)
         if kind == "hello":
             group = str(msg.get("group", ""))
-            self._members[ident] = _Member(ident, group, int(msg.get("credit", 1)), now)
+            shm = bool(msg.get("shm", False)) and self._pool is not None
+            self._members[ident] = _Member(ident, group, int(msg.get("credit", 1)), now, shm)
             log.info("pipe %s: %r joined group %r", self.pipe, ident, group)
             return
         if member is None:
@@ -270,8 +306,7 @@ class Producer:
         if not waiting:
             del pending.waiting[member.group]
             if not pending.waiting:
-                del self._pending[seq]
-                self._inflight -= pending.nbytes
+                self._forget(seq)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -295,6 +330,5 @@ class Producer:
                 resend.append(seq)  # the group is gone: another group gets the item
                 self.stats.resent += 1
             elif not pending.waiting:
-                del self._pending[seq]
-                self._inflight -= pending.nbytes
+                self._forget(seq)
         self._resend.extendleft(reversed(resend))  # oldest first, ahead of new items

@@ -150,11 +150,34 @@ def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
     return header
 
 
-def decode_item(frames: Sequence[bytes | memoryview | Any]) -> Item:
+def to_shm_frames(frames: Sequence[bytes | memoryview], segment: Any) -> list[bytes]:
+    """Copy an item's buffers into ``segment`` (a :class:`~step_infra.rpc.shm.Segment`) and
+    return the single header frame that points at them."""
+    header = decode_header(frames[0])
+    offsets: list[int] = []
+    off = 0
+    for buf in frames[1:]:
+        view = memoryview(buf).cast("B")
+        segment.view[off : off + view.nbytes] = view
+        offsets.append(off)
+        off += (view.nbytes + 63) // 64 * 64  # 64-byte aligned tensors
+    header["shm"] = segment.name
+    header["offs"] = offsets
+    return [msgpack.packb(header, use_bin_type=True)]
+
+
+def shm_bytes(frames: Sequence[bytes | memoryview]) -> int:
+    """Segment size :func:`to_shm_frames` needs for these frames."""
+    return sum((memoryview(b).nbytes + 63) // 64 * 64 for b in frames[1:])
+
+
+def decode_item(frames: Sequence[bytes | memoryview | Any], shm: Any = None) -> Item:
     """Rebuild an :class:`Item` from frames; tensors alias the frame buffers (no copy).
 
     Frames may be ``bytes``, ``memoryview`` or ``zmq.Frame`` (anything exposing ``.buffer``
     or the buffer protocol). Raises :class:`WireError` for malformed or truncated input.
+    A header naming a shared-memory segment needs ``shm`` (a
+    :class:`~step_infra.rpc.shm.ShmReader`) and carries no buffer frames.
     """
     if not frames:
         raise WireError("empty message")
@@ -177,12 +200,22 @@ def decode_item(frames: Sequence[bytes | memoryview | Any]) -> Item:
         raise WireError("names, dtypes and shapes must be lists")
     if not (len(names) == len(dtypes) == len(shapes)) or len(names) > MAX_TENSORS:
         raise WireError(f"inconsistent tensor lists: {len(names)}/{len(dtypes)}/{len(shapes)}")
-    if len(frames) != 1 + len(names):
+    seg = header.get("shm")
+    offs = header.get("offs")
+    if seg is not None:
+        if shm is None:
+            raise WireError("item points at shared memory but this link has no shm reader")
+        if not isinstance(seg, str) or not isinstance(offs, list) or len(offs) != len(names):
+            raise WireError(f"bad shared-memory fields {seg!r} {offs!r}")
+        if len(frames) != 1:
+            raise WireError(f"{len(frames) - 1} buffer frames in a shared-memory item")
+    elif len(frames) != 1 + len(names):
         raise WireError(f"{len(frames) - 1} buffer frames for {len(names)} tensors (truncated?)")
     if not isinstance(meta, dict):
         raise WireError(f"metadata is a {type(meta).__name__}; expected a map")
     tensors: dict[str, torch.Tensor] = {}
-    for name, dname, shape, frame in zip(names, dtypes, shapes, frames[1:], strict=True):
+    sources: Sequence[Any] = list(offs or ()) if seg is not None else frames[1:]
+    for name, dname, shape, frame in zip(names, dtypes, shapes, sources, strict=True):
         dtype = _DTYPES.get(dname) if isinstance(dname, str) else None
         if dtype is None:
             raise WireError(f"tensor {name!r}: unknown dtype {dname!r}")
@@ -192,7 +225,13 @@ def decode_item(frames: Sequence[bytes | memoryview | Any]) -> Item:
         for d in shape:
             numel *= d
         itemsize = torch.empty((), dtype=dtype).element_size()
-        buf = _as_buffer(frame)
+        if seg is not None:
+            try:
+                buf = shm.view(seg, int(frame), numel * itemsize)
+            except (ValueError, OSError, TypeError) as exc:
+                raise WireError(f"tensor {name!r}: shared memory unreadable: {exc}") from exc
+        else:
+            buf = _as_buffer(frame)
         if buf.nbytes != numel * itemsize:
             raise WireError(
                 f"tensor {name!r}: {buf.nbytes} bytes for shape {shape} {dname} "

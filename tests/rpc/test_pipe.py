@@ -45,9 +45,12 @@ def _run(producer: Producer, consumers: list[Consumer], n: int, delays: list[flo
     return outs
 
 
-def test_spray_exactly_once_in_order() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_spray_exactly_once_in_order(transport: str) -> None:
+    cfg = ConsumerConfig(transport=transport)
     with Producer("p", config=ProducerConfig()) as prod:
-        cons = [Consumer("p", [prod.address], group=f"g{i}") for i in range(3)]
+        cons = [Consumer("p", [prod.address], group=f"g{i}", config=cfg) for i in range(3)]
+        assert all(c.transports == [transport] for c in cons)
         outs = _run(prod, cons, 60, [0.0, 0.0, 0.0])
     seqs = sorted(s for o in outs for _, s, _ in o)
     assert seqs == list(range(60))
@@ -73,7 +76,10 @@ def test_group_members_get_same_items() -> None:
 
 def test_broadcast_every_group_every_item() -> None:
     with Producer("p", config=ProducerConfig(mode="broadcast")) as prod:
-        cons = [Consumer("p", [prod.address], group=f"g{i}") for i in range(2)]
+        cons = [
+            Consumer("p", [prod.address], group="g0", config=ConsumerConfig(transport="tcp")),
+            Consumer("p", [prod.address], group="g1", config=ConsumerConfig(transport="shm")),
+        ]
         outs = _run(prod, cons, 30, [0.0, 0.0])
     for o in outs:
         assert [s for _, s, _ in o] == list(range(30))
@@ -158,7 +164,7 @@ def test_malformed_frames_counted_link_survives() -> None:
         ctx = zmq.Context()
         bad = ctx.socket(zmq.DEALER)
         bad.setsockopt(zmq.LINGER, 0)
-        bad.connect(prod.address)
+        bad.connect(prod.address.split(";")[0])
         bad.send(b"\xc1garbage")
         bad.send_multipart([b"a", b"b"])
         # garbage on the data path: a raw frame set straight to the consumer
@@ -192,3 +198,34 @@ def test_iterable_dataset_adapter() -> None:
         t.join(20)
     assert [int(b["metadata"]["id"]) for b in got] == [0, 1, 2, 3, 4]
     assert torch.equal(got[3]["x"], torch.full((2,), 3.0))
+
+
+def test_shm_auto_selected_and_zero_copy_and_cleaned_up() -> None:
+    import os
+
+    with Producer("p") as prod:
+        c = Consumer("p", [prod.address], group="g")
+        assert c.transports == ["shm"]
+        prod.wait_for_consumers()
+        t = torch.randn(64, 64).to(torch.bfloat16)
+        prod.send({"x": t, "i": torch.arange(5)})
+        item = c.get(timeout_s=5)
+        assert item is not None
+        assert torch.equal(item.tensors["x"], t) and torch.equal(item.tensors["i"], torch.arange(5))
+        seg = msgpack_header_segment(prod)
+        assert seg is not None and os.path.exists(f"/dev/shm/{seg}")
+        c.close()
+    assert not os.path.exists(f"/dev/shm/{seg}")  # unlinked on close
+
+
+def msgpack_header_segment(prod: Producer) -> str | None:
+    pending = next(iter(prod._pending.values()), None)
+    return None if pending is None or pending.segment is None else pending.segment.name
+
+
+def test_force_shm_without_shm_endpoint_is_an_error() -> None:
+    with (
+        Producer("p", config=ProducerConfig(shm=False)) as prod,
+        pytest.raises(ValueError, match="shm"),
+    ):
+        Consumer("p", [prod.address], config=ConsumerConfig(transport="shm"))

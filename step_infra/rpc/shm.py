@@ -1,0 +1,137 @@
+"""Same-host payloads through shared memory: the producer copies tensor bytes once into a
+reusable ``/dev/shm`` segment and sends only the header (with segment name and offsets) over
+a Unix socket; the consumer maps the segment and wraps tensors without copying.
+
+A segment is reused only after every receiving member acknowledged its item, and a consumer
+acknowledges item N when the trainer takes item N+1, so tensors stay valid until then (the
+:class:`~step_infra.rpc.dataset.PipeDataset` clones). Files live in ``/dev/shm`` (plain
+``mmap``, so no resource-tracker surprises) and are unlinked on :meth:`ShmPool.close`; a
+``kill -9`` leaves them behind until reboot or manual cleanup (names start ``steprpc-``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+SHM_DIR = "/dev/shm"
+PREFIX = "steprpc-"
+
+
+def shm_available() -> bool:
+    """Whether this host has a writable ``/dev/shm``."""
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+
+
+@dataclass(slots=True)
+class Segment:
+    """One mapped shared-memory file."""
+
+    name: str
+    size: int
+    mm: mmap.mmap
+    view: memoryview = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.mm)
+
+
+def _create(size: int) -> Segment:
+    name = f"{PREFIX}{uuid.uuid4().hex[:16]}"
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, max(size, 1))
+        mm = mmap.mmap(fd, max(size, 1))
+    finally:
+        os.close(fd)
+    return Segment(name=name, size=size, mm=mm)
+
+
+class ShmPool:
+    """Producer side: segments handed out per item and returned once it is acknowledged."""
+
+    def __init__(self) -> None:
+        self._free: list[Segment] = []
+        self._all: list[Segment] = []
+
+    def acquire(self, size: int) -> Segment:
+        """A free segment of at least ``size`` bytes (reused when possible)."""
+        for i, seg in enumerate(self._free):
+            if seg.size >= size:
+                return self._free.pop(i)
+        seg = _create(size)
+        self._all.append(seg)
+        return seg
+
+    def release(self, seg: Segment) -> None:
+        """Return a segment for reuse."""
+        self._free.append(seg)
+
+    def close(self) -> None:
+        """Unmap and unlink every segment."""
+        for seg in self._all:
+            seg.view.release()
+            seg.mm.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, seg.name))
+        self._all.clear()
+        self._free.clear()
+
+
+class ShmReader:
+    """Consumer side: maps segments by name once and returns views into them."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+
+    def view(self, name: str, offset: int, nbytes: int) -> memoryview:
+        """``nbytes`` at ``offset`` of segment ``name``; raises ValueError if out of range."""
+        if not name.startswith(PREFIX) or "/" in name:
+            raise ValueError(f"shared-memory name {name!r}; expected '{PREFIX}<hex>'")
+        entry = self._maps.get(name)
+        if entry is None:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+            try:
+                mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            entry = (mm, memoryview(mm))
+            self._maps[name] = entry
+        if offset < 0 or nbytes < 0 or offset + nbytes > len(entry[1]):
+            raise ValueError(f"range {offset}+{nbytes} outside segment {name!r}")
+        return entry[1][offset : offset + nbytes]
+
+    def close(self) -> None:
+        """Drop the mappings (views still held by tensors keep them alive)."""
+        self._maps.clear()
+
+
+def shm_address(ipc_address: str) -> str:
+    """The published form of a same-host shm endpoint: ``shm://<hostname><ipc path>``."""
+    return f"shm://{socket.gethostname()}{ipc_address.removeprefix('ipc://')}"
+
+
+def select_endpoint(address: str, force: str | None = None) -> tuple[str, bool]:
+    """Pick the zmq address to connect to and whether payloads come through shm.
+
+    ``address`` is a producer's published address: ``tcp://h:p`` optionally followed by
+    ``;shm://<hostname>/path``. Same host -> shm, unless ``force`` is ``"tcp"``.
+    """
+    parts = address.split(";")
+    tcp = next((p for p in parts if not p.startswith("shm://")), None)
+    shm = next((p for p in parts if p.startswith("shm://")), None)
+    if force not in (None, "tcp", "shm"):
+        raise ValueError(f"force {force!r}; expected None, 'tcp' or 'shm'")
+    if shm is not None and force != "tcp":
+        host, _, path = shm.removeprefix("shm://").partition("/")
+        if host == socket.gethostname() and shm_available():
+            return f"ipc:///{path}", True
+    if force == "shm":
+        raise ValueError(f"address {address!r} offers no same-host shm endpoint; drop force='shm'")
+    if tcp is None:
+        raise ValueError(f"address {address!r} has no tcp endpoint")
+    return tcp, False
