@@ -94,6 +94,12 @@ from step_infra.telemetry.cli import telemetry_demo as _telemetry_demo  # noqa: 
 app.command(name="calibrate")(_calibrate)
 app.command(name="plan")(_plan)
 app.command(name="recipe")(_recipe)
+
+from step_infra.rpc.cli import registry as _registry  # noqa: E402
+from step_infra.rpc.cli import rpc_app as _rpc_app  # noqa: E402
+
+app.command(name="registry")(_registry)
+app.add_typer(_rpc_app, name="rpc")
 app.command(name="dashboard")(_telemetry_dashboard)
 app.command(name="telemetry-demo")(_telemetry_demo)
 
