@@ -9,9 +9,9 @@ online in base 2 (``exp2``) with fp32 statistics; the backward recomputes probab
 the saved LSE in two kernels (dK/dV over key blocks, dQ over query blocks) so no atomics
 are needed.
 
-Block sizes are autotuned per GPU generation (configs chosen from the compute capability;
-Triton caches the winner per shape key in-process and, with ``TRITON_CACHE_AUTOTUNING=1``,
-on disk). Under ``TRITON_INTERPRET=1`` (CPU tests) one small fixed config is used.
+Block sizes come from a table per GPU generation (compute capability), cached per process;
+they are not yet tuned with ``triton.autotune`` (no GPU has been available to tune on).
+Under ``TRITON_INTERPRET=1`` (CPU tests) one small fixed config is used.
 """
 
 from __future__ import annotations

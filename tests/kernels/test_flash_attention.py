@@ -38,6 +38,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
         (2, 21, 45, 2, 32, False, [45, 7]),  # unequal q/k lengths, padded keys (cross-attention)
         (1, 33, 33, 1, 64, True, None),  # causal
         (2, 19, 30, 1, 16, True, [30, 25]),  # causal, bottom-right aligned, with padding
+        (1, 20, 20, 1, 128, False, [13]),  # Step-Video's head dim, padded keys
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
