@@ -90,10 +90,12 @@ class Consumer:
         self._poller = zmq.Poller()
         self._shm = ShmReader()
         self.transports: list[str] = []
+        self._use_shm: dict[zmq.Socket[bytes], bool] = {}
         for address in addresses:
             target, use_shm = select_endpoint(address, self.config.transport)
             sock = transport_for(target).connect(self._ctx, target, ident)
             self._socks.append(sock)
+            self._use_shm[sock] = use_shm
             self.transports.append("shm" if use_shm else target.split("://", 1)[0])
             self._poller.register(sock, zmq.POLLIN)
             hello = {"k": "hello", "group": group, "credit": self.config.prefetch, "shm": use_shm}
@@ -174,6 +176,21 @@ class Consumer:
             for sock in self._socks:
                 self._control(sock, {"k": "credit", "n": 0})
 
+    @staticmethod
+    def _is_who(frame: Any) -> bool:
+        try:
+            msg = msgpack.unpackb(bytes(frame.buffer), raw=False)
+        except Exception:
+            return False
+        return isinstance(msg, dict) and msg.get("k") == "who"
+
+    def _rehello(self, sock: zmq.Socket[bytes]) -> None:
+        """The producer does not know us (it restarted): announce ourselves again."""
+        held = sum(1 for s, _ in self._queue if s is sock)
+        credit = max(self.config.prefetch - held, 0)
+        hello = {"k": "hello", "group": self.group, "credit": credit, "shm": self._use_shm[sock]}
+        self._control(sock, hello)
+
     def _receive(self, wait_ms: int) -> None:
         events = dict(self._poller.poll(wait_ms))
         for sock in self._socks:
@@ -181,6 +198,9 @@ class Consumer:
                 continue
             while sock.poll(0, zmq.POLLIN):
                 frames = sock.recv_multipart(copy=False)
+                if len(frames) == 1 and len(frames[0].buffer) < 64 and self._is_who(frames[0]):
+                    self._rehello(sock)
+                    continue
                 try:
                     item = decode_item(frames, shm=self._shm)
                 except WireError as exc:

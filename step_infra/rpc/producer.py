@@ -46,6 +46,7 @@ class ProducerConfig:
     transport: str = "tcp"
     shm: bool = True
     host: str = "127.0.0.1"
+    port: int = 0
     max_inflight_bytes: int = 512 << 20
     lease_s: float = 10.0
     send_timeout_s: float | None = None
@@ -94,7 +95,7 @@ class Producer:
         self.config = config or ProducerConfig()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         tr = transport or make_transport(self.config.transport)
-        self._sock, self.address = tr.bind(self._ctx, self.config.host)
+        self._sock, self.address = tr.bind(self._ctx, self.config.host, self.config.port)
         self._pool: ShmPool | None = None
         if self.config.shm and shm_available():
             # same-host consumers connect here and get payloads through shared memory
@@ -285,7 +286,10 @@ class Producer:
             log.info("pipe %s: %r joined group %r", self.pipe, ident, group)
             return
         if member is None:
-            return  # unknown peer (e.g. expired): it must say hello again
+            # unknown peer (we restarted, or its lease expired): ask it to say hello again
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send_multipart([ident, msgpack.packb({"v": 1, "k": "who"})])
+            return
         member.last_seen = now
         if kind == "credit":
             member.credit += int(msg.get("n", 1))

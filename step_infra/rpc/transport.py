@@ -26,8 +26,10 @@ class Transport(Protocol):
         """The transport's name (``tcp``, ``ipc``)."""
         ...
 
-    def bind(self, ctx: zmq.Context[zmq.Socket[bytes]], host: str) -> tuple[zmq.Socket[bytes], str]:
-        """A bound ROUTER socket and the address consumers connect to."""
+    def bind(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], host: str, port: int = 0
+    ) -> tuple[zmq.Socket[bytes], str]:
+        """A bound ROUTER socket and the address consumers connect to (port 0: any free)."""
         ...
 
     def connect(
@@ -49,11 +51,16 @@ class TcpTransport:
 
     name: str = "tcp"
 
-    def bind(self, ctx: zmq.Context[zmq.Socket[bytes]], host: str) -> tuple[zmq.Socket[bytes], str]:
+    def bind(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], host: str, port: int = 0
+    ) -> tuple[zmq.Socket[bytes], str]:
         sock = ctx.socket(zmq.ROUTER)
         _tune(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        port = sock.bind_to_random_port(f"tcp://{host}")
+        if port:
+            sock.bind(f"tcp://{host}:{port}")  # a fixed port lets a restarted producer be found
+        else:
+            port = sock.bind_to_random_port(f"tcp://{host}")
         return sock, f"tcp://{host}:{port}"
 
     def connect(
@@ -72,7 +79,9 @@ class IpcTransport:
 
     name: str = "ipc"
 
-    def bind(self, ctx: zmq.Context[zmq.Socket[bytes]], host: str) -> tuple[zmq.Socket[bytes], str]:
+    def bind(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], host: str, port: int = 0
+    ) -> tuple[zmq.Socket[bytes], str]:
         sock = ctx.socket(zmq.ROUTER)
         _tune(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
