@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -120,3 +121,45 @@ def test_kill9_and_restart_producer_no_dup_no_loss() -> None:
     assert all(a == b for _, a, b in got)
     assert c.stats.duplicates >= 1
     assert c.position() == {"P": n}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_memory_bounded_while_consumer_stalls() -> None:
+    import psutil
+
+    limit_mib, item_mib, n = 64, 4, 80
+    port = _free_port()
+    prod = subprocess.Popen(
+        [sys.executable, WORKER, "memprod", str(port), str(limit_mib), str(item_mib), str(n)],
+        stdout=subprocess.PIPE,
+    )
+    cons = subprocess.Popen(
+        [sys.executable, WORKER, "stalled", f"tcp://127.0.0.1:{port}", "10", str(n)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert prod.stdout is not None and cons.stdout is not None
+        assert prod.stdout.readline().strip() == b"ready"
+        assert cons.stdout.readline().strip() == b"ready"
+        ps = {"producer": psutil.Process(prod.pid), "consumer": psutil.Process(cons.pid)}
+        base = {k: p.memory_info().rss for k, p in ps.items()}
+        peak = dict(base)
+        while prod.poll() is None or cons.poll() is None:
+            for k, p in ps.items():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    peak[k] = max(peak[k], p.memory_info().rss)
+            time.sleep(0.05)
+        assert prod.returncode == 0 and cons.returncode == 0
+    finally:
+        for p in (prod, cons):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    bound = 1.2 * (limit_mib << 20)
+    # growth over the idle process: within the in-flight limit + 20% (n * item_mib = 320 MiB
+    # would be sent without backpressure)
+    growth_mib = {k: round((peak[k] - base[k]) / (1 << 20), 1) for k in ps}
+    print(f"peak RSS growth MiB {growth_mib}, bound {bound / (1 << 20):.0f} MiB")
+    for k in ps:
+        assert peak[k] - base[k] <= bound, (k, (peak[k] - base[k]) / (1 << 20))
