@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
@@ -25,6 +25,9 @@ from step_infra.rpc.shm import ShmReader, select_endpoint
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import transport_for
 from step_infra.rpc.wire import Item, WireError, decode_item
+
+if TYPE_CHECKING:
+    from step_infra.rpc.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class Consumer:
         member: str = "0",
         config: ConsumerConfig | None = None,
         resume: dict[str, int] | None = None,
+        registry: RegistryClient | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("addresses is empty; expected at least one producer address")
@@ -84,6 +88,9 @@ class Consumer:
         self.member = member
         self.config = config or ConsumerConfig()
         self.stats = PipeStats(pipe=pipe)
+        self._registry = registry
+        if registry is not None:
+            registry.register(pipe=pipe, role="consumer", name=member, group=group)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         ident = f"{group}/{member}".encode()
         self._socks: list[zmq.Socket[bytes]] = []
@@ -105,6 +112,32 @@ class Consumer:
         self._taken: tuple[zmq.Socket[bytes], Item] | None = None
         self._last_hb = time.monotonic()
 
+    @classmethod
+    def from_registry(
+        cls,
+        pipe: str,
+        registry: RegistryClient,
+        *,
+        group: str = "g0",
+        member: str = "0",
+        config: ConsumerConfig | None = None,
+        wait_s: float = 30.0,
+    ) -> Consumer:
+        """A consumer of every producer the registry lists for ``pipe`` (waits for one)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                addresses = registry.producer_addresses(pipe)
+            except Exception as exc:  # NOT_FOUND until a producer created the pipe
+                log.debug("pipe %s not available yet: %s", pipe, exc)
+                addresses = []
+            if addresses:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no producer registered pipe {pipe!r} within {wait_s} s")
+            time.sleep(0.1)
+        return cls(pipe, addresses, group=group, member=member, config=config, registry=registry)
+
     def position(self) -> dict[str, int]:
         """Per producer, the next sequence number not yet consumed (pass as ``resume``)."""
         return {p: s.next for p, s in self._seen.items()}
@@ -121,6 +154,7 @@ class Consumer:
     def get(self, timeout_s: float | None = None) -> Item | None:
         """The next item (acknowledging the previous one), or ``None`` after ``timeout_s``."""
         self._release()
+        self._heartbeat()
         start = time.monotonic()
         deadline = None if timeout_s is None else start + timeout_s
         while not self._queue:
@@ -175,6 +209,8 @@ class Consumer:
             self._last_hb = now
             for sock in self._socks:
                 self._control(sock, {"k": "credit", "n": 0})
+        if self._registry is not None:
+            self._registry.keep_alive()
 
     @staticmethod
     def _is_who(frame: Any) -> bool:

@@ -22,7 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import torch
@@ -32,6 +32,9 @@ from step_infra.rpc.shm import Segment, ShmPool, shm_address, shm_available
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import Transport, make_transport
 from step_infra.rpc.wire import encode_item, shm_bytes, to_shm_frames
+
+if TYPE_CHECKING:
+    from step_infra.rpc.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ class Producer:
         config: ProducerConfig | None = None,
         start_seq: int = 0,
         transport: Transport | None = None,
+        registry: RegistryClient | None = None,
     ) -> None:
         self.pipe = pipe
         self.name = name
@@ -111,6 +115,10 @@ class Producer:
         self._inflight = 0
         self._rr = 0
         self.stats = PipeStats(pipe=pipe)
+        self._registry = registry
+        if registry is not None:
+            registry.create_pipe(pipe, self.config.mode)
+            registry.register(pipe=pipe, role="producer", name=name, address=self.address)
 
     # ---------------------------------------------------------------- public
     @property
@@ -268,6 +276,8 @@ class Producer:
                 continue
             self._on_control(frames[0], frames[1])
         self._expire()
+        if self._registry is not None:
+            self._registry.keep_alive()
 
     def _on_control(self, ident: bytes, raw: bytes) -> None:
         try:

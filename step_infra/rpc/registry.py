@@ -167,6 +167,7 @@ class RegistryClient:
         self._md = ((TOKEN_KEY, token),) if token else ()
         self._timeout = timeout_s
         self._registered: dict[tuple[str, str, str], pb.Endpoint] = {}
+        self._last_beat = time.monotonic()
 
     def _call(self, method: str, request: Any) -> Any:
         return getattr(self._stub, method)(request, metadata=self._md, timeout=self._timeout)
@@ -199,6 +200,19 @@ class RegistryClient:
                 self._call("Register", ep)
                 again += 1
         return again
+
+    def keep_alive(self, interval_s: float = 1.0) -> None:
+        """Heartbeat at most every ``interval_s``; a registry that is down is logged, not
+        raised, so the data plane never stops because of the control plane."""
+        now = time.monotonic()
+        if now - self._last_beat < interval_s:
+            return
+        self._last_beat = now
+        try:
+            if self.heartbeat():
+                log.info("re-registered with the registry (it restarted or our lease lapsed)")
+        except grpc.RpcError as exc:
+            log.warning("registry unreachable (%s); data keeps flowing", exc.code())
 
     def deregister_all(self) -> None:
         """Drop every lease this client holds."""

@@ -163,3 +163,71 @@ def test_memory_bounded_while_consumer_stalls() -> None:
     print(f"peak RSS growth MiB {growth_mib}, bound {bound / (1 << 20):.0f} MiB")
     for k in ps:
         assert peak[k] - base[k] <= bound, (k, (peak[k] - base[k]) / (1 << 20))
+
+
+def _start_registry(port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "step_infra.cli",
+            "registry",
+            "--port",
+            str(port),
+            "--token",
+            "tok",
+            "--lease-s",
+            "2",
+            "--run-s",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert "listening" in proc.stdout.readline()
+    return proc
+
+
+def test_registry_kill9_and_restart_stream_continues() -> None:
+    from step_infra.rpc.registry import RegistryClient
+
+    port = _free_port()
+    reg = _start_registry(port)
+    address = f"127.0.0.1:{port}"
+    restarted = None
+    try:
+        prod = Producer("live", name="P", registry=RegistryClient(address, "tok"))
+        cons = Consumer.from_registry(
+            "live",
+            RegistryClient(address, "tok"),
+            group="g",
+            config=ConsumerConfig(heartbeat_s=0.1),
+        )
+        prod.wait_for_consumers()
+        got = []
+        for i in range(60):
+            prod.send({"x": torch.full((4,), float(i))})
+            item = cons.get(timeout_s=5)
+            assert item is not None, f"stream stopped at item {i}"
+            got.append(item.seq)
+            if i == 20:
+                reg.kill()  # kill -9 the registry mid-stream
+                reg.wait(10)
+            if i == 40:
+                restarted = _start_registry(port)
+            time.sleep(0.05)
+        assert got == list(range(60))
+        time.sleep(1.2)  # a keep-alive round after the restart
+        prod.poll(10)
+        cons.get(timeout_s=0.2)
+        info = RegistryClient(address, "tok").lookup("live")
+        assert [e.address for e in info.producers] == [prod.address]  # re-registered
+        assert [e.group for e in info.consumers] == ["g"]
+        cons.close()
+        prod.close()
+    finally:
+        for p in (reg, restarted):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
