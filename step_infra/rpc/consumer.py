@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
+from step_infra.rpc.security import client_options
 from step_infra.rpc.shm import ShmReader, select_endpoint
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import transport_for
@@ -38,6 +39,7 @@ class ConsumerConfig:
 
     prefetch: int = 4
     transport: str | None = None  # None: shm when the producer is on this host, else tcp
+    curve_server_key: bytes | None = None  # the producer's CURVE public key, if it encrypts
     heartbeat_s: float = 1.0
     timeout_s: float | None = None
 
@@ -100,7 +102,12 @@ class Consumer:
         self._use_shm: dict[zmq.Socket[bytes], bool] = {}
         for address in addresses:
             target, use_shm = select_endpoint(address, self.config.transport)
-            sock = transport_for(target).connect(self._ctx, target, ident)
+            options = (
+                client_options(self.config.curve_server_key)
+                if self.config.curve_server_key
+                else None
+            )
+            sock = transport_for(target).connect(self._ctx, target, ident, options)
             self._socks.append(sock)
             self._use_shm[sock] = use_shm
             self.transports.append("shm" if use_shm else target.split("://", 1)[0])

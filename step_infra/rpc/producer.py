@@ -28,6 +28,7 @@ import msgpack
 import torch
 import zmq
 
+from step_infra.rpc.security import CurveKeys, server_options
 from step_infra.rpc.shm import Segment, ShmPool, shm_address, shm_available
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import Transport, make_transport
@@ -50,6 +51,7 @@ class ProducerConfig:
     shm: bool = True
     host: str = "127.0.0.1"
     port: int = 0
+    curve: CurveKeys | None = None  # encrypt and authenticate data links (ZeroMQ CURVE)
     max_inflight_bytes: int = 512 << 20
     lease_s: float = 10.0
     send_timeout_s: float | None = None
@@ -99,7 +101,12 @@ class Producer:
         self.config = config or ProducerConfig()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         tr = transport or make_transport(self.config.transport)
-        self._sock, self.address = tr.bind(self._ctx, self.config.host, self.config.port)
+        self._sock, self.address = tr.bind(
+            self._ctx,
+            self.config.host,
+            self.config.port,
+            server_options(self.config.curve) if self.config.curve else None,
+        )
         self._pool: ShmPool | None = None
         if self.config.shm and shm_available():
             # same-host consumers connect here and get payloads through shared memory

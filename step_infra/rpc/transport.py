@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import zmq
 
@@ -27,19 +28,30 @@ class Transport(Protocol):
         ...
 
     def bind(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], host: str, port: int = 0
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        host: str,
+        port: int = 0,
+        options: Mapping[int, Any] | None = None,
     ) -> tuple[zmq.Socket[bytes], str]:
         """A bound ROUTER socket and the address consumers connect to (port 0: any free)."""
         ...
 
     def connect(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        identity: bytes,
+        options: Mapping[int, Any] | None = None,
     ) -> zmq.Socket[bytes]:
         """A DEALER socket with ``identity`` connected to ``address``."""
         ...
 
 
-def _tune(sock: zmq.Socket[bytes]) -> None:
+def _tune(sock: zmq.Socket[bytes], options: Mapping[int, Any] | None = None) -> None:
+    """Extra ``options`` (e.g. CURVE keys) are set before bind/connect, as zmq requires."""
+    for opt, value in (options or {}).items():
+        sock.setsockopt(opt, value)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -52,10 +64,14 @@ class TcpTransport:
     name: str = "tcp"
 
     def bind(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], host: str, port: int = 0
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        host: str,
+        port: int = 0,
+        options: Mapping[int, Any] | None = None,
     ) -> tuple[zmq.Socket[bytes], str]:
         sock = ctx.socket(zmq.ROUTER)
-        _tune(sock)
+        _tune(sock, options)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if port:
             sock.bind(f"tcp://{host}:{port}")  # a fixed port lets a restarted producer be found
@@ -64,10 +80,14 @@ class TcpTransport:
         return sock, f"tcp://{host}:{port}"
 
     def connect(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        identity: bytes,
+        options: Mapping[int, Any] | None = None,
     ) -> zmq.Socket[bytes]:
         sock = ctx.socket(zmq.DEALER)
-        _tune(sock)
+        _tune(sock, options)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.connect(address)
         return sock
@@ -80,10 +100,14 @@ class IpcTransport:
     name: str = "ipc"
 
     def bind(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], host: str, port: int = 0
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        host: str,
+        port: int = 0,
+        options: Mapping[int, Any] | None = None,
     ) -> tuple[zmq.Socket[bytes], str]:
         sock = ctx.socket(zmq.ROUTER)
-        _tune(sock)
+        _tune(sock, options)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         path = os.path.join(tempfile.gettempdir(), f"steprpc-{uuid.uuid4().hex[:12]}.sock")
         address = f"ipc://{path}"
@@ -91,10 +115,14 @@ class IpcTransport:
         return sock, address
 
     def connect(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        identity: bytes,
+        options: Mapping[int, Any] | None = None,
     ) -> zmq.Socket[bytes]:
         sock = ctx.socket(zmq.DEALER)
-        _tune(sock)
+        _tune(sock, options)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.connect(address)
         return sock
