@@ -201,7 +201,12 @@ class Consumer:
 
     # --------------------------------------------------------------- private
     def _control(self, sock: zmq.Socket[bytes], msg: dict[str, Any]) -> None:
-        sock.send(msgpack.packb(msg, use_bin_type=True))
+        # never block on a link with no peer (producer gone, CURVE handshake refused): a lost
+        # hello is repaired by the producer's "who" reply to our next heartbeat
+        try:
+            sock.send(msgpack.packb(msg, use_bin_type=True), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("pipe %s: control message %s not sent (no peer)", self.pipe, msg.get("k"))
 
     def _release(self) -> None:
         if self._taken is None:
