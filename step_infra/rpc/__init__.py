@@ -25,6 +25,8 @@ _EXPORTS = {
     "Registry": "registry",
     "RegistryClient": "registry",
     "RegistryConfig": "registry",
+    "CurveKeys": "security",
+    "generate_keys": "security",
 }
 
 __all__ = sorted(_EXPORTS)
