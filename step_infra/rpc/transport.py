@@ -57,6 +57,20 @@ def _tune(sock: zmq.Socket[bytes], options: Mapping[int, Any] | None = None) -> 
     sock.setsockopt(zmq.RCVHWM, 0)
 
 
+def _connect_dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    address: str,
+    identity: bytes,
+    options: Mapping[int, Any] | None,
+) -> zmq.Socket[bytes]:
+    """The consumer side of every zmq transport: a DEALER with ``identity``."""
+    sock = ctx.socket(zmq.DEALER)
+    _tune(sock, options)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(address)
+    return sock
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TcpTransport:
     """pyzmq over TCP with zero-copy frames."""
@@ -86,11 +100,7 @@ class TcpTransport:
         identity: bytes,
         options: Mapping[int, Any] | None = None,
     ) -> zmq.Socket[bytes]:
-        sock = ctx.socket(zmq.DEALER)
-        _tune(sock, options)
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(address)
-        return sock
+        return _connect_dealer(ctx, address, identity, options)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,11 +131,7 @@ class IpcTransport:
         identity: bytes,
         options: Mapping[int, Any] | None = None,
     ) -> zmq.Socket[bytes]:
-        sock = ctx.socket(zmq.DEALER)
-        _tune(sock, options)
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(address)
-        return sock
+        return _connect_dealer(ctx, address, identity, options)
 
 
 def make_transport(name: str) -> Transport:
