@@ -126,6 +126,36 @@ def _mark_tp_partial(module: nn.Module) -> None:
         p.tp_partial_grad = True  # type: ignore[attr-defined]
 
 
+def _build_norms_core_proj(
+    submodules: SelfAttentionSubmodules | CrossAttentionSubmodules,
+    mcore_config: Any,
+    num_heads: int,
+    head_dim: int,
+    eps: float,
+    groups: ParallelGroups,
+) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """The parts self- and cross-attention share: per-head q/k RMSNorm, the core attention and
+    the row-parallel output projection (in that order)."""
+    q_norm = build_module(submodules.q_norm, head_dim, eps=eps)
+    k_norm = build_module(submodules.k_norm, head_dim, eps=eps)
+    if groups.tp_size > 1:  # shared by the heads of all tensor-parallel ranks
+        _mark_tp_partial(q_norm)
+        _mark_tp_partial(k_norm)
+    core = build_module(submodules.core_attention, groups=groups)
+    proj = build_module(
+        submodules.linear_proj,
+        num_heads * head_dim,
+        mcore_config.hidden_size,
+        config=mcore_config,
+        init_method=mcore_config.output_layer_init_method,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=groups.tp,
+    )
+    return q_norm, k_norm, core, proj
+
+
 class SelfAttention(nn.Module):
     """Fused QKV -> per-head RMSNorm(q, k) -> 3D RoPE -> core attention -> output projection."""
 
@@ -158,22 +188,8 @@ class SelfAttention(nn.Module):
             disable_grad_reduce=groups.sequence_parallel,
             tp_group=groups.tp,
         )
-        self.q_norm = build_module(submodules.q_norm, head_dim, eps=eps)
-        self.k_norm = build_module(submodules.k_norm, head_dim, eps=eps)
-        if tp > 1:  # shared by the heads of all tensor-parallel ranks
-            _mark_tp_partial(self.q_norm)
-            _mark_tp_partial(self.k_norm)
-        self.core_attention = build_module(submodules.core_attention, groups=groups)
-        self.linear_proj = build_module(
-            submodules.linear_proj,
-            num_heads * head_dim,
-            h,
-            config=mcore_config,
-            init_method=mcore_config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=groups.tp,
+        self.q_norm, self.k_norm, self.core_attention, self.linear_proj = _build_norms_core_proj(
+            submodules, mcore_config, num_heads, head_dim, eps, groups
         )
 
     def forward(
@@ -230,22 +246,8 @@ class CrossAttention(nn.Module):
             gather_output=False,
             tp_group=groups.tp,
         )
-        self.q_norm = build_module(submodules.q_norm, head_dim, eps=eps)
-        self.k_norm = build_module(submodules.k_norm, head_dim, eps=eps)
-        if tp > 1:
-            _mark_tp_partial(self.q_norm)
-            _mark_tp_partial(self.k_norm)
-        self.core_attention = build_module(submodules.core_attention, groups=groups)
-        self.linear_proj = build_module(
-            submodules.linear_proj,
-            num_heads * head_dim,
-            h,
-            config=mcore_config,
-            init_method=mcore_config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=groups.tp,
+        self.q_norm, self.k_norm, self.core_attention, self.linear_proj = _build_norms_core_proj(
+            submodules, mcore_config, num_heads, head_dim, eps, groups
         )
 
     def forward(
