@@ -57,6 +57,16 @@ def _tune(sock: zmq.Socket[bytes], options: Mapping[int, Any] | None = None) -> 
     sock.setsockopt(zmq.RCVHWM, 0)
 
 
+def _router(
+    ctx: zmq.Context[zmq.Socket[bytes]], options: Mapping[int, Any] | None
+) -> zmq.Socket[bytes]:
+    """The producer side of every zmq transport: a ROUTER that fails loudly on unknown peers."""
+    sock = ctx.socket(zmq.ROUTER)
+    _tune(sock, options)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    return sock
+
+
 def _connect_dealer(
     ctx: zmq.Context[zmq.Socket[bytes]],
     address: str,
@@ -84,9 +94,7 @@ class TcpTransport:
         port: int = 0,
         options: Mapping[int, Any] | None = None,
     ) -> tuple[zmq.Socket[bytes], str]:
-        sock = ctx.socket(zmq.ROUTER)
-        _tune(sock, options)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock = _router(ctx, options)
         if port:
             sock.bind(f"tcp://{host}:{port}")  # a fixed port lets a restarted producer be found
         else:
@@ -116,9 +124,7 @@ class IpcTransport:
         port: int = 0,
         options: Mapping[int, Any] | None = None,
     ) -> tuple[zmq.Socket[bytes], str]:
-        sock = ctx.socket(zmq.ROUTER)
-        _tune(sock, options)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock = _router(ctx, options)
         path = os.path.join(tempfile.gettempdir(), f"steprpc-{uuid.uuid4().hex[:12]}.sock")
         address = f"ipc://{path}"
         sock.bind(address)
