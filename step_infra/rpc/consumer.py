@@ -2,8 +2,10 @@
 
 A consumer is one member of one group. It connects a DEALER to each producer address, says
 hello with ``prefetch`` credits, and hands items to the caller in arrival order (so one
-producer's items arrive in order). Taking the next item acknowledges the previous one and
-returns its credit: the producer only forgets an item once the trainer moved past it.
+producer's items arrive in order). Taking the next item returns the previous one's credit and,
+by default, acknowledges it: the producer only forgets an item once the trainer moved past it
+(``ack="manual"`` defers the acknowledgement to :meth:`Consumer.acknowledge`, e.g. until a
+checkpoint covers the item).
 Duplicates (by ``(producer, seq)``) are dropped; :meth:`Consumer.position` reports what was
 consumed so a restarted job resumes where it stopped. Memory is bounded by ``prefetch``
 items per producer link. Malformed frames are counted, logged and dropped.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +44,14 @@ class ConsumerConfig:
     curve_server_key: bytes | None = None  # the producer's CURVE public key, if it encrypts
     heartbeat_s: float = 1.0
     timeout_s: float | None = None
+    # "take": taking the next item acknowledges the previous one. "manual": taking returns the
+    # credit but the producer keeps the item until :meth:`Consumer.acknowledge` (a trainer acks
+    # only what a checkpoint covers, so a crash re-delivers everything after it).
+    ack: str = "take"
 
     def __post_init__(self) -> None:
+        if self.ack not in ("take", "manual"):
+            raise ValueError(f"ack {self.ack!r}; expected 'take' or 'manual'")
         if self.prefetch < 1:
             raise ValueError(f"prefetch {self.prefetch}; expected >= 1")
         if self.heartbeat_s <= 0:
@@ -117,6 +125,7 @@ class Consumer:
         self._seen: dict[str, _Seen] = {p: _Seen(n) for p, n in (resume or {}).items()}
         self._queue: deque[tuple[zmq.Socket[bytes], Item]] = deque()
         self._taken: tuple[zmq.Socket[bytes], Item] | None = None
+        self._sock_of: dict[str, zmq.Socket[bytes]] = {}  # producer name -> its link
         self._last_hb = time.monotonic()
 
     @classmethod
@@ -148,6 +157,16 @@ class Consumer:
     def position(self) -> dict[str, int]:
         """Per producer, the next sequence number not yet consumed (pass as ``resume``)."""
         return {p: s.next for p, s in self._seen.items()}
+
+    def acknowledge(self, items: Iterable[Item]) -> None:
+        """Acknowledge taken items (``ack="manual"``): their producers may now forget them."""
+        acks: dict[str, list[int]] = {}
+        for item in items:
+            acks.setdefault(item.producer, []).append(item.seq)
+        for producer, seqs in acks.items():
+            sock = self._sock_of.get(producer)
+            if sock is not None:
+                self._control(sock, {"k": "ack", "acks": seqs})
 
     def __iter__(self) -> Iterator[Item]:
         return self
@@ -213,7 +232,8 @@ class Consumer:
             return
         sock, item = self._taken
         self._taken = None
-        self._control(sock, {"k": "credit", "n": 1, "acks": [item.seq]})
+        acks = [item.seq] if self.config.ack == "take" else []
+        self._control(sock, {"k": "credit", "n": 1, "acks": acks})
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -255,6 +275,7 @@ class Consumer:
                     self.stats.malformed += 1
                     log.warning("pipe %s: dropped malformed frame: %s", self.pipe, exc)
                     continue
+                self._sock_of[item.producer] = sock
                 seen = self._seen.setdefault(item.producer, _Seen())
                 if not seen.add(item.seq):
                     self.stats.duplicates += 1

@@ -229,3 +229,43 @@ def test_force_shm_without_shm_endpoint_is_an_error() -> None:
         pytest.raises(ValueError, match="shm"),
     ):
         Consumer("p", [prod.address], config=ConsumerConfig(transport="shm"))
+
+
+def test_manual_ack_keeps_items_until_acknowledged() -> None:
+    """A trainer acks only what its checkpoint covers: items taken after it are re-sprayed
+    when the trainer goes away, items it acknowledged are not."""
+    manual = ConsumerConfig(transport="tcp", ack="manual", prefetch=4)
+    with Producer("p") as prod:
+        first = Consumer("p", [prod.address], group="gen0", config=manual)
+        prod.wait_for_consumers(groups=1)
+        for i in range(4):
+            prod.send({"x": torch.full((2,), float(i))}, {"id": i})
+            prod.poll(10)
+        taken = []
+        while len(taken) < 4:  # credit comes back on take, so all four arrive
+            item = first.get(timeout_s=0.2)
+            if item is not None:
+                taken.append(item)
+            prod.poll(10)
+        first.acknowledge(taken[:2])
+        deadline = time.monotonic() + 5
+        while prod.unacked > 2 and time.monotonic() < deadline:
+            prod.poll(20)
+        assert prod.unacked == 2  # items 2 and 3 are kept: not acknowledged
+        first.close()  # "bye": its group is gone, its unacknowledged items go elsewhere
+        second = Consumer("p", [prod.address], group="gen1", config=manual)
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            prod.poll(20)
+            item = second.get(timeout_s=0.05)
+            if item is not None:
+                got.append(int(item.metadata["id"]))
+        second.acknowledge([])
+        second.close()
+    assert got == [2, 3]
+
+
+def test_ack_mode_is_validated() -> None:
+    with pytest.raises(ValueError, match="ack 'later'"):
+        ConsumerConfig(ack="later")
