@@ -26,6 +26,7 @@ Usage (after ``dist.init_process_group``)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,11 +89,14 @@ class ElasticSession:
             events=EventLog(env.run_dir, source=f"{env.node}/rank{rank}"),
         )
 
-    def load(self) -> dict[str, Any] | None:
+    def load(
+        self, loader: Callable[[], dict[str, Any] | None] | None = None
+    ) -> dict[str, Any] | None:
         """Load the latest checkpoint (``state["step"]`` = last completed step) and announce
-        this worker; sets :attr:`start_step`."""
+        this worker; sets :attr:`start_step`. ``loader`` replaces the default ``torch.load``
+        of the run's checkpoint (e.g. a distributed checkpoint; it is called on every rank)."""
         write_heartbeat(self.env, step=-1, phase="load", generation=self.generation)
-        state = load_latest_checkpoint(self.env.run_dir)
+        state = (loader or (lambda: load_latest_checkpoint(self.env.run_dir)))()
         if state is not None:
             self.start_step = int(state["step"]) + 1
             self.resumed = True

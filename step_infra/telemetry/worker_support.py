@@ -96,6 +96,7 @@ def write_heartbeat(env: WorkerEnv, *, step: int, phase: str, generation: int) -
         "step": step,
         "phase": phase,
         "generation": generation,
+        "pid": os.getpid(),  # lets an operator (or a fault injector) find the process
         "t_unix_s": time.time(),
     }
     _write_atomic(directory / f"{env.node}.r{env.local_rank}.json", json.dumps(payload).encode())

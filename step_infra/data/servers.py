@@ -1,0 +1,286 @@
+"""Encoder servers: text encoders and the Video-VAE, streaming to the DiT trainers over StepRPC.
+
+As in the Step-Video report, encoding runs on its own GPUs, apart from the DiT trainers. Two
+stages, each a process that the launcher starts:
+
+* a **text server** walks the sample stream (ids ``start_id + index``, then every ``count``-th),
+  encodes each caption with both text encoders and sprays ``{text_short, text_long}`` into
+  pipe ``text`` (one item per sample, to whichever VAE server has credit);
+* a **VAE server** takes text items, renders the clip of the same sample id, encodes it with the
+  Video-VAE and sprays the joined item ``{latent, text_short, text_long}`` into pipe
+  ``latents``, where the trainers' replicas take them.
+
+Chaining the stages keeps a sample's latent and its text embedding in one item, so spraying
+to data-parallel replicas never splits a pair. Each server stands for one encoder GPU and is
+paced to ``rate`` samples/s (its real work runs inside that budget, and how busy it was is
+written to ``servers/<name>.json``), so the encoder/trainer split behaves as on a cluster even
+on a shared CPU. Everything a sample contains is a function of its id: a restarted server
+produces the same item again.
+
+    python -m step_infra.data.servers --config servers.json --role vae --index 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from step_infra.data.synthetic import SyntheticClips, SyntheticConfig
+from step_infra.models.vae import VAEConfig
+
+log = logging.getLogger(__name__)
+
+TEXT_PIPE = "text"
+LATENT_PIPE = "latents"
+TOKEN_ENV = "STEP_TOKEN"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """What every encoder server of one job shares."""
+
+    run_dir: str
+    registry: str
+    data: SyntheticConfig
+    vae: VAEConfig
+    vae_checkpoint: str
+    start_id: int = 0
+    end_id: int = 1 << 40  # exclusive: the text servers stop producing there
+    text_servers: int = 1
+    vae_servers: int = 1
+    text_rate: float = 200.0
+    vae_rate: float = 16.0
+    lease_s: float = 5.0
+    max_inflight_bytes: int = 64 << 20
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> ServerConfig:
+        doc = json.loads(Path(path).read_text())
+        d, v = doc["data"], doc["vae"]
+        doc["data"] = SyntheticConfig(
+            **{**d, "radius_range": tuple(d["radius_range"]), "directions": tuple(d["directions"])}
+        )
+        doc["vae"] = VAEConfig(**{**v, "factors": tuple(map(tuple, v["factors"]))})
+        return cls(**doc)
+
+
+def caption_language(sample_id: int) -> str:
+    """Half the samples are captioned in Chinese, half in English, fixed by the id."""
+    return "zh" if (sample_id * 2654435761) >> 7 & 1 else "en"
+
+
+class _Pacer:
+    """Holds a server to ``rate`` items/s and accounts busy vs idle time."""
+
+    def __init__(self, rate: float) -> None:
+        self.budget_s = 1.0 / rate
+        self.busy_s = 0.0
+        self.paced_s = 0.0
+        self.items = 0
+        self.t0 = time.monotonic()
+
+    def done(self, started: float, n: int = 1) -> None:
+        work = time.monotonic() - started
+        self.busy_s += work
+        self.items += n
+        rest = n * self.budget_s - work
+        if rest > 0:
+            self.paced_s += rest
+            time.sleep(rest)
+
+
+class _Stopping:
+    """SIGTERM/SIGINT flip a flag; the loops finish their item and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_: object) -> None:
+        self.flag = True
+
+
+def _write_stats(cfg: ServerConfig, name: str, pacer: _Pacer, **extra: Any) -> None:
+    directory = Path(cfg.run_dir) / "servers"
+    directory.mkdir(parents=True, exist_ok=True)
+    wall = time.monotonic() - pacer.t0
+    doc = {
+        "name": name,
+        "pid": os.getpid(),
+        "items": pacer.items,
+        "rate_cap": 1.0 / pacer.budget_s,
+        "wall_s": round(wall, 3),
+        "busy_s": round(pacer.busy_s, 3),  # real encoding work
+        "paced_s": round(pacer.paced_s, 3),  # the rest of each item's device budget
+        "utilization": round((pacer.busy_s + pacer.paced_s) / wall, 4) if wall > 0 else 0.0,
+        "t_unix_s": time.time(),
+        **extra,
+    }
+    tmp = directory / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(directory / f"{name}.json")
+
+
+def _registry(cfg: ServerConfig) -> Any:
+    from step_infra.rpc.registry import RegistryClient
+
+    return RegistryClient(cfg.registry, os.environ.get(TOKEN_ENV, ""))
+
+
+def _producer(cfg: ServerConfig, pipe: str, name: str, registry: Any) -> Any:
+    from step_infra.rpc.producer import Producer, ProducerConfig
+
+    pcfg = ProducerConfig(
+        lease_s=cfg.lease_s, max_inflight_bytes=cfg.max_inflight_bytes, send_timeout_s=None
+    )
+    return Producer(pipe, name=name, config=pcfg, registry=registry)
+
+
+def wait_for_producers(registry: Any, pipe: str, count: int, timeout_s: float = 120.0) -> list[str]:
+    """Addresses of ``count`` producers of ``pipe`` once all registered (a consumer must
+    connect to every producer, so it must not start with the first one alone)."""
+    deadline = time.monotonic() + timeout_s
+    addresses: list[str] = []
+    while time.monotonic() < deadline:
+        try:
+            addresses = registry.producer_addresses(pipe)
+        except Exception as exc:  # NOT_FOUND until the first producer created the pipe
+            log.debug("pipe %s not there yet: %s", pipe, exc)
+        if len(addresses) >= count:
+            return addresses
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"pipe {pipe!r}: {len(addresses)} of {count} producers registered within {timeout_s} s"
+    )
+
+
+def run_text_server(cfg: ServerConfig, index: int) -> None:
+    """Encode captions of ids ``start_id + index + k * text_servers`` into pipe ``text``."""
+    from step_infra.models.text import TextEncoders
+
+    stopping = _Stopping()
+    name = f"text{index}"
+    torch.manual_seed(cfg.seed)  # the ALiBi encoder's weights: the same in every process
+    encoders = TextEncoders()
+    clips = SyntheticClips(cfg.data)
+    registry = _registry(cfg)
+    pacer = _Pacer(cfg.text_rate)
+    with _producer(cfg, TEXT_PIPE, name, registry) as prod:
+        ids = iter(range(cfg.start_id + index, cfg.end_id, cfg.text_servers))
+        batch = 8
+        last_stats = 0.0
+        while not stopping.flag:
+            chunk = [i for _, i in zip(range(batch), ids, strict=False)]
+            if not chunk:  # the stream is finished: keep leases until told to stop
+                prod.poll(200)
+                continue
+            started = time.monotonic()
+            specs = [clips[i % len(clips)] for i in chunk]
+            captions = [str(s[f"caption_{caption_language(i)}"]) for s, i in zip(specs, chunk, strict=True)]
+            feats = encoders(captions)
+            for row, (sid, cap) in enumerate(zip(chunk, captions, strict=True)):
+                ls, ll = int(feats["short_lengths"][row]), int(feats["long_lengths"][row])
+                prod.send(
+                    {
+                        "text_short": feats["text_short"][row, :ls],
+                        "text_long": feats["text_long"][row, :ll],
+                    },
+                    {"id": sid, "caption": cap},
+                )
+            pacer.done(started, len(chunk))
+            if time.monotonic() - last_stats > 1.0:
+                last_stats = time.monotonic()
+                _write_stats(cfg, name, pacer, next_id=chunk[-1] + cfg.text_servers)
+        _write_stats(cfg, name, pacer)
+    registry.close()
+
+
+def load_vae(cfg: ServerConfig) -> tuple[Any, float]:
+    """The pre-trained VAE and the scale that gives its latents unit variance."""
+    from step_infra.models.vae import VideoVAE
+
+    vae = VideoVAE(cfg.vae)
+    state = torch.load(cfg.vae_checkpoint, weights_only=True)
+    scale = float(state.pop("latent_scale"))
+    vae.load_state_dict(state)
+    vae.eval().requires_grad_(False)
+    return vae, scale
+
+
+def run_vae_server(cfg: ServerConfig, index: int) -> None:
+    """Join each text item with its clip's VAE latent; spray the pair into ``latents``."""
+    from step_infra.rpc.consumer import Consumer, ConsumerConfig
+
+    stopping = _Stopping()
+    name = f"vae{index}"
+    vae, scale = load_vae(cfg)
+    clips = SyntheticClips(cfg.data)
+    registry = _registry(cfg)
+    pacer = _Pacer(cfg.vae_rate)
+    text_addresses = wait_for_producers(registry, TEXT_PIPE, cfg.text_servers)
+    with (
+        _producer(cfg, LATENT_PIPE, name, registry) as prod,
+        Consumer(
+            TEXT_PIPE,
+            text_addresses,
+            group=name,
+            member="0",
+            config=ConsumerConfig(prefetch=4),
+            registry=registry,
+        ) as text,
+    ):
+        last_stats = 0.0
+        while not stopping.flag:
+            item = text.get(timeout_s=0.1)
+            if item is None:
+                prod.poll(0)
+                continue
+            started = time.monotonic()
+            sid = int(item.metadata["id"])
+            video = clips[sid % len(clips)]["video"]
+            assert isinstance(video, torch.Tensor)
+            with torch.no_grad():
+                latent = vae.encode(video[None])[0][0] * scale
+            tensors = {"latent": latent, **{k: v.clone() for k, v in item.tensors.items()}}
+            prod.send(tensors, {"id": sid, "caption": item.metadata["caption"]})
+            pacer.done(started)
+            if time.monotonic() - last_stats > 1.0:
+                last_stats = time.monotonic()
+                _write_stats(cfg, name, pacer, last_id=sid, unacked=prod.unacked)
+        _write_stats(cfg, name, pacer)
+    registry.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="a StepRPC encoder server")
+    parser.add_argument("--config", type=Path, required=True, help="servers.json from the launcher")
+    parser.add_argument("--role", choices=("text", "vae"), required=True)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(1)
+    cfg = ServerConfig.load(args.config)
+    if args.role == "text":
+        run_text_server(cfg, args.index)
+    else:
+        run_vae_server(cfg, args.index)
+
+
+if __name__ == "__main__":
+    main()
