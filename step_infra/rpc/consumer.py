@@ -48,6 +48,9 @@ class ConsumerConfig:
     # credit but the producer keeps the item until :meth:`Consumer.acknowledge` (a trainer acks
     # only what a checkpoint covers, so a crash re-delivers everything after it).
     ack: str = "take"
+    # members the group has (e.g. the TP ranks of one replica); producers hold the group's
+    # items back until that many members said hello, so no member misses an item. 0: unknown.
+    group_size: int = 0
 
     def __post_init__(self) -> None:
         if self.ack not in ("take", "manual"):
@@ -120,7 +123,8 @@ class Consumer:
             self._use_shm[sock] = use_shm
             self.transports.append("shm" if use_shm else target.split("://", 1)[0])
             self._poller.register(sock, zmq.POLLIN)
-            hello = {"k": "hello", "group": group, "credit": self.config.prefetch, "shm": use_shm}
+            hello = {"k": "hello", "group": group, "credit": self.config.prefetch, "shm": use_shm,
+                     "size": self.config.group_size}
             self._control(sock, hello)
         self._seen: dict[str, _Seen] = {p: _Seen(n) for p, n in (resume or {}).items()}
         self._queue: deque[tuple[zmq.Socket[bytes], Item]] = deque()
@@ -256,7 +260,8 @@ class Consumer:
         """The producer does not know us (it restarted): announce ourselves again."""
         held = sum(1 for s, _ in self._queue if s is sock)
         credit = max(self.config.prefetch - held, 0)
-        hello = {"k": "hello", "group": self.group, "credit": credit, "shm": self._use_shm[sock]}
+        hello = {"k": "hello", "group": self.group, "credit": credit, "shm": self._use_shm[sock],
+                 "size": self.config.group_size}
         self._control(sock, hello)
 
     def _receive(self, wait_ms: int) -> None:

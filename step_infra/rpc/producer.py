@@ -72,6 +72,7 @@ class _Member:
     credit: int
     last_seen: float
     shm: bool = False
+    group_size: int = 0  # members its group announced (0: unknown)
 
 
 @dataclass(slots=True)
@@ -259,6 +260,11 @@ class Producer:
         by_group: dict[str, list[_Member]] = {}
         for m in self._members.values():
             by_group.setdefault(m.group, []).append(m)
+        # a group that announced more members than have joined waits: every member gets
+        # every item of its group, so none may be sent before the last one is here
+        by_group = {
+            g: ms for g, ms in by_group.items() if len(ms) >= max(m.group_size for m in ms)
+        }
         if not by_group:
             return None
         credit = {g: min(m.credit for m in ms) for g, ms in by_group.items()}
@@ -299,7 +305,7 @@ class Producer:
         if kind == "hello":
             group = str(msg.get("group", ""))
             shm = bool(msg.get("shm", False)) and self._pool is not None
-            self._members[ident] = _Member(ident, group, int(msg.get("credit", 1)), now, shm)
+            self._members[ident] = _Member(ident, group, int(msg.get("credit", 1)), now, shm, group_size=int(msg.get("size", 0) or 0))
             log.info("pipe %s: %r joined group %r", self.pipe, ident, group)
             return
         if member is None:

@@ -17,8 +17,10 @@ the exact mean over the global batch, whatever the split.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import time
 import zlib
 
@@ -156,6 +158,7 @@ def learning_rate(cfg: JobConfig, step: int) -> float:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     from step_infra.rpc.consumer import Consumer, ConsumerConfig
@@ -186,7 +189,7 @@ def main() -> None:
         addresses,
         group=f"gen{session.generation}.dp{replica}",
         member=f"tp{groups.tp_rank}",
-        config=ConsumerConfig(prefetch=cfg.prefetch, ack="manual"),
+        config=ConsumerConfig(prefetch=cfg.prefetch, ack="manual", group_size=cfg.tp),
         registry=registry,
     )
     stream = StepStream(
