@@ -12,9 +12,13 @@ disagree). Sources of the formulas:
   interleaved schedule ``(1 + (p - 1) / (p v))`` times that (Korthikanti et al. sec. 4.2.3);
 - optimizer: mixed-precision Adam, 2 (bf16 weights) + 4 (fp32 grads) + 12 (fp32 master, m, v)
   bytes per parameter, the 12 sharded over DP x CP by the distributed optimizer
-  (Megatron-LM ``distrib_optimizer.md``);
+  (Megatron-LM ``distrib_optimizer.md``); plain fp32 training 4 + 4 + 8 (m, v);
+- element-wise passes: bytes counted op by op (``counts.elementwise_elements_per_token``) over
+  the measured element-wise bandwidth; activations and activation messages in the model's
+  dtype (``ModelSpec.dtype_bytes``);
 - pipeline bubble ``(p - 1) / (v m)`` of the micro-batch time (Narayanan et al. 2021 sec. 2.2);
-- collectives: alpha-beta ring costs on the slowest link the group spans.
+- collectives: alpha-beta ring costs on the slowest link the group spans; a collective hides
+  under at most ``GPUSpec.comm_overlap`` of the compute it is overlapped with.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from step_infra.emulator.counts import (
+    elementwise_elements_per_token,
     embedding_params,
     layer_matmul_params,
     layer_small_params,
@@ -31,9 +36,6 @@ from step_infra.emulator.specs import ClusterSpec, ModelSpec
 
 Columns = dict[str, np.ndarray]
 GB = 1e9
-# Bytes an element-wise pass moves per token and hidden unit in one block's forward (norms,
-# residual adds, activation, modulation: about a dozen reads/writes of bf16 tensors).
-ELEMENTWISE_BYTES_PER_TOKEN_HIDDEN = 24.0
 # Share of tensor-parallel traffic hidden under GEMMs by Transformer-Engine's userbuffer
 # overlap (``--tp-comm-overlap``): chunks of the all-gather/reduce-scatter run while the
 # previous chunk's GEMM computes; the first and last chunk stay exposed.
@@ -63,10 +65,18 @@ def _params_per_gpu(model: ModelSpec, c: Columns) -> np.ndarray:
     return layers_per_stage(model, c) * per_layer / c["tp"] + embedding_params(model) / c["tp"]
 
 
+def state_bytes_per_param(model: ModelSpec) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) bytes per parameter. Mixed precision (Megatron,
+    bf16): bf16 weights 2, fp32 main gradients 4, fp32 master weights + Adam m, v 12. Plain
+    fp32: weights 4, gradients 4, Adam m, v 8."""
+    return (4.0, 4.0, 8.0) if model.dtype == "fp32" else (2.0, 4.0, 12.0)
+
+
 def _activation_coefficients(model: ModelSpec) -> tuple[float, float]:
     """(replicated, tp-split) bytes per token per hidden unit of one block (Korthikanti
     eq. 2 without the score term). Replicated: norms' inputs, dropout masks (10); split:
-    QKV/attention output (8) + MLP (``4 r``, gated ``6 r`` for ``r = ffn / h``)."""
+    QKV/attention output (8) + MLP (``4 r``, gated ``6 r`` for ``r = ffn / h``). Korthikanti
+    counts 2-byte activations; fp32 training stores twice as much."""
     assert model.ffn is not None
     r = model.ffn / model.hidden
     split = 8.0 + (6.0 if model.gated_mlp else 4.0) * r
@@ -74,7 +84,8 @@ def _activation_coefficients(model: ModelSpec) -> tuple[float, float]:
     if model.kind == "dit":
         split += 9.0  # cross-attention q, output, projection input
         rep += 6.0  # adaLN-modulated norm outputs and gates
-    return rep, split
+    scale = model.dtype_bytes / 2.0
+    return rep * scale, split * scale
 
 
 def _memory(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
@@ -86,9 +97,10 @@ def _memory(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
     rep, split = _activation_coefficients(model)
     assert model.ffn is not None
     per_layer = np.where(c["sp"] == 1, sbh * (rep + split) / tp, sbh * (rep + split / tp))
-    selective_saving = np.where(c["recompute"] == 1, sbh * 2.0 * model.ffn / model.hidden / tp, 0.0)
+    b = float(model.dtype_bytes)
+    selective_saving = np.where(c["recompute"] == 1, sbh * b * model.ffn / model.hidden / tp, 0.0)
     per_layer = per_layer - selective_saving
-    layer_input = np.where(c["sp"] == 1, 2.0 * sbh / tp, 2.0 * sbh)
+    layer_input = np.where(c["sp"] == 1, b * sbh / tp, b * sbh)
     micro = c["gb"] / (dp * c["mb"])
     in_flight = np.minimum(micro, pp)
     interleave = np.where(vpp > 1, 1.0 + (pp - 1) / (pp * vpp), 1.0)
@@ -97,11 +109,12 @@ def _memory(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
         c["recompute"] == 2, layers_held * layer_input + per_layer, layers_held * per_layer
     )
     logits = 2.0 * 4.0 * tokens * model.vocab / tp if model.kind == "lm" else 0.0
+    w_bytes, g_bytes, o_bytes = state_bytes_per_param(model)
     return {
         "params_per_gpu": params,
-        "mem_params_gb": 2.0 * params / GB,
-        "mem_grads_gb": 4.0 * params / GB,
-        "mem_optimizer_gb": 12.0 * params / opt_shards / GB,
+        "mem_params_gb": w_bytes * params / GB,
+        "mem_grads_gb": g_bytes * params / GB,
+        "mem_optimizer_gb": o_bytes * params / opt_shards / GB,
         "mem_activations_gb": (acts + logits) / GB,
         "mem_buffers_gb": np.full(tp.shape, cluster.buffers_gb, dtype=float),
     }
@@ -168,27 +181,33 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
     attn_rate = attention_rate(cluster, s / cp, model.head_dim)
     logits = 2.0 * tokens * h * model.vocab / tp if model.kind == "lm" else np.zeros_like(tp)
     sp_div = np.where(c["sp"] == 1, tp, 1.0)
-    elem = (
-        ELEMENTWISE_BYTES_PER_TOKEN_HIDDEN * tokens * h * layers_stage / sp_div / (hw.hbm_gb_s * GB)
-    )
+    b = float(model.dtype_bytes)
+    ew_rep, ew_split = elementwise_elements_per_token(model)
+    elem_bytes = b * tokens * layers_stage * (ew_rep / sp_div + ew_split / tp)
+    elem = elem_bytes / (hw.hbm_gb_s * GB)
     t_dense, t_attn = (dense + logits) / dense_rate, attn / attn_rate
     fwd = t_dense + t_attn + elem
     bwd = 2.0 * t_dense + 2.5 * t_attn + 2.0 * elem
     recompute = np.select([c["recompute"] == 2, c["recompute"] == 1], [fwd, elem], 0.0)
 
-    # tensor parallel: all-reduce (or RS + AG with SP, same bytes) per block output
+    # tensor parallel: all-reduce (or RS + AG with SP, same bytes) per block output; a DiT's
+    # backward also all-reduces the gradient of the replicated text its cross-attention K/V
+    # projection reads (Megatron's copy-to-TP-region on the text input)
     n_tp_coll = 3.0 if model.kind == "dit" else 2.0
     passes = np.where(c["recompute"] == 2, 3.0, 2.0)  # fwd, bwd (+ recomputed fwd)
     tp_bw, tp_lat = _link(cluster, tp)
-    tp_bytes = 2.0 * tokens * h
+    tp_bytes = b * tokens * h
     tp_comm = _ring_allreduce_s(tp_bytes, tp, tp_bw, tp_lat) * n_tp_coll * passes * layers_stage
+    if model.kind == "dit" and model.text_tokens:
+        text_bytes = b * c["mb"] * model.text_tokens * h
+        tp_comm = tp_comm + _ring_allreduce_s(text_bytes, tp, tp_bw, tp_lat) * layers_stage
     tp_hidden = np.where(c["overlap_tp"] == 1, TP_OVERLAP_HIDDEN * tp_comm, 0.0)
 
     # context parallel: Ulysses all-to-alls (q, k, v, out) or ring K/V passes under attention
     cp_bw, cp_lat = _link(cluster, tp * cp)
-    head_bytes = 2.0 * tokens * model.attn_dim / tp
+    head_bytes = b * tokens * model.attn_dim / tp
     ulysses = _ring_half_s(head_bytes, cp, cp_bw, cp_lat) * 4.0 * (passes + 1.0) * layers_stage
-    kv_bytes = 2.0 * 2.0 * tokens * model.kv_heads * model.head_dim / tp
+    kv_bytes = 2.0 * b * tokens * model.kv_heads * model.head_dim / tp
     ring_fwd = (
         np.where(cp > 1, (cp - 1) * (kv_bytes / (cp_bw * GB) + cp_lat * 1e-6), 0.0) * layers_stage
     )
@@ -200,7 +219,7 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
 
     # pipeline: activations sent forward and gradients back at every stage boundary
     pp_bw, pp_lat = _link(cluster, tp * cp * pp)
-    pp_bytes = 2.0 * tokens * h / sp_div
+    pp_bytes = b * tokens * h / sp_div
     pp_comm = np.where(pp > 1, 2.0 * vpp * (pp_bytes / (pp_bw * GB) + pp_lat * 1e-6), 0.0)
 
     per_micro = fwd + bwd + recompute + (tp_comm - tp_hidden) + cp_exposed + pp_comm
@@ -218,13 +237,16 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
         _ring_half_s(grad_bytes, n_dp, dp_bw, dp_lat),
         _ring_allreduce_s(grad_bytes, n_dp, dp_bw, dp_lat),
     )
-    ag = np.where(c["dist_opt"] == 1, _ring_half_s(2.0 * params, n_dp, dp_bw, dp_lat), 0.0)
-    rs_exposed = np.where(c["overlap_grad"] == 1, np.maximum(rs - 0.9 * bwd, 0.0), rs)
-    ag_exposed = np.where(c["overlap_param"] == 1, np.maximum(ag - 0.9 * fwd, 0.0), ag)
+    ag = np.where(c["dist_opt"] == 1, _ring_half_s(b * params, n_dp, dp_bw, dp_lat), 0.0)
+    hide = hw.comm_overlap
+    rs_exposed = np.where(c["overlap_grad"] == 1, np.maximum(rs - hide * bwd, 0.0), rs)
+    ag_exposed = np.where(c["overlap_param"] == 1, np.maximum(ag - hide * fwd, 0.0), ag)
 
-    # optimizer: Adam touches about 30 bytes per parameter of its shard, memory-bound
+    # optimizer: Adam is memory-bound; it reads weights, gradients, m, v and writes weights,
+    # m, v (7 x 4 bytes in fp32; mixed precision adds the bf16 weight copy: 30 bytes)
     shard = params / np.where(c["dist_opt"] == 1, n_dp, 1.0)
-    optimizer = 30.0 * shard / (hw.hbm_gb_s * GB)
+    adam_bytes = 28.0 if model.dtype == "fp32" else 30.0
+    optimizer = adam_bytes * shard / (hw.hbm_gb_s * GB)
 
     step = pipeline + bubble + rs_exposed + ag_exposed + optimizer
     return {

@@ -51,20 +51,23 @@ def embedding_params(m: ModelSpec) -> int:
     """Parameters outside the blocks.
 
     LM: token embedding ``V h`` (+ untied output head ``V h``) (+ learned positions ``s h``)
-    + final norm. DiT (REFERENCE.md): patchify ``C h``, timestep MLP ``256 h + h^2``, shared
-    adaLN ``h x 6h``, caption projections (CLIP ``text_dim x h``; the LLM's ``h``-wide output
-    through an affine LayerNorm and a 2-layer projection ``2 h^2``), the final ``2 h`` adaLN
-    table and output ``h x C``, plus biases.
+    + final norm. DiT (REFERENCE.md): patchify ``C h``, timestep MLP
+    ``timestep_channels x h + h^2``, shared adaLN ``h x 6h``, caption projections (CLIP
+    ``text_dim x h``; the LLM's ``d = text_dim_long``-wide output through an affine LayerNorm
+    and a 2-layer projection ``d h + h^2``), the final ``2 h`` adaLN table and output
+    ``h x C``, plus biases.
     """
     h = m.hidden
     if m.kind == "dit":
         c = m.latent_channels * m.patch**2
+        d = m.text_dim_long
+        assert d is not None
         return (
             (c * h + h)
-            + (256 * h + h + h * h + h)
+            + (m.timestep_channels * h + h + h * h + h)
             + (6 * h * h + 6 * h)
             + (m.text_dim * h + h)
-            + (2 * h + 2 * h * h + 2 * h)
+            + (2 * d + d * h + h + h * h + h)
             + (2 * h + h * c + c)
         )
     emb = m.vocab * h * (1 if m.tied_embeddings else 2)
@@ -78,6 +81,40 @@ def parameter_count(m: ModelSpec) -> int:
     Narayanan et al. 2021 sec. 5.1, which this reproduces for the GPT presets)."""
     per_layer = layer_matmul_params(m) + layer_text_params(m) + layer_small_params(m)
     return m.layers * per_layer + embedding_params(m)
+
+
+def elementwise_elements_per_token(m: ModelSpec) -> tuple[float, float]:
+    """Elements that one block's forward element-wise ops read and write per token, as
+    ``(replicated, tp_split)``: the first acts on ``h``-wide tensors (every TP rank does all of
+    it unless sequence parallel splits the tokens), the second on the ``a``-wide heads and the
+    ``f``-wide MLP (split by TP). Multiply by ``ModelSpec.dtype_bytes`` for bytes; the
+    backward reads the output gradient and the saved input of each op and writes the input
+    gradient, about twice the forward's traffic.
+
+    Counted op by op as eager PyTorch / Megatron-core runs them (one kernel per op, each reads
+    its inputs once and writes its output once; a norm ``2 h``, an add ``3 h``, a multiply by a
+    per-sample vector ``2 h``; flash attention keeps its softmax on chip, so no ``s^2`` term):
+
+    - LM (pre-LN GPT / Llama): 2 norms ``4 h`` + 2 residual adds (Megatron's fused
+      bias-dropout-add) ``6 h``; activation GELU ``2 f`` (read, write) or fused SwiGLU ``3 f``.
+    - DiT (Step-Video block, ``step_infra.models.dit``): 3 LayerNorms ``6 h``; 2 adaLN
+      modulations ``norm(x) * (1 + scale) + shift`` ``2 x 4 h``; 2 gated residuals
+      ``x + gate * y`` ``2 x 5 h``; the cross-attention residual ``3 h``; the MLP's output bias
+      ``2 h`` (29 h); q/k RMSNorm on self-attention q, k and cross-attention q ``3 x 2 a``; the
+      attention outputs' head-to-hidden layout copy ``2 x 2 a``; GELU ``2 f``.
+
+    For Step-Video (a = h, f = 4 h) that is 47 h elements, 94 bytes per token and hidden unit
+    in bf16; a GPT block 18 h (36 bytes).
+    """
+    h, a = float(m.hidden), float(m.attn_dim)
+    assert m.ffn is not None
+    act = (3.0 if m.gated_mlp else 2.0) * m.ffn
+    if m.kind == "lm":
+        return 2 * 2 * h + 2 * 3 * h, act
+    norms, modulate, gated_residual = 3 * 2 * h, 2 * (2 * h + 2 * h), 2 * (2 * h + 3 * h)
+    residual, mlp_bias = 3 * h, 2 * h
+    qk_norm, head_layout = 3 * 2 * a, 2 * 2 * a
+    return norms + modulate + gated_residual + residual + mlp_bias, qk_norm + head_layout + act
 
 
 def forward_flops_per_sample(m: ModelSpec) -> dict[str, float]:

@@ -9,8 +9,10 @@ GPU where there is one):
 - fused attention (``scaled_dot_product_attention``, forward + backward) at several sequence
   lengths -> ``attn_eff``;
 - a large tensor copy and a chain of elementwise kernels -> memory bandwidth (``hbm_gb_s``);
-- TCP loopback between two threads -> link bandwidth and latency, and optionally a two-process
-  gloo all-reduce -> the fraction of that a real collective reaches (``comm_eff``).
+- TCP loopback between two threads -> link bandwidth and latency, and optionally two-process
+  gloo all-reduces timed as a training step issues them (right after compute, mean of many)
+  -> the fraction of that bandwidth a real collective reaches (``comm_eff``), its per-hop
+  latency, and how much of it hides under concurrent compute (``comm_overlap``).
 
 The profile is JSON with ``gpu`` and ``cluster`` tables whose keys are the fields of
 ``GPUSpec``/``ClusterSpec`` (only the fields those classes have are written, so the profile
@@ -89,20 +91,29 @@ def quick_config(*, gloo: bool = True, threads: int | None = None) -> ProbeConfi
     )
 
 
-def _time_call(fn: Callable[[], object], *, repeats: int, min_time_s: float) -> float:
-    """Median seconds per call; each repeat runs the call enough times to last ``min_time_s``."""
-    fn()  # warm up (allocations, kernel selection)
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, math.ceil(min_time_s / once))
-    samples = []
-    for _ in range(repeats):
+def _time_calls(fns: list[Callable[[], object]], *, repeats: int, min_time_s: float) -> list[float]:
+    """Median seconds per call of each function. Repeats go round-robin over the functions
+    (each repeat runs a call enough times to last ``min_time_s``), so a burst of someone
+    else's load on a shared machine spoils one round of every shape, not every repeat of one."""
+    inner = []
+    for fn in fns:
+        fn()  # warm up (allocations, kernel selection)
         t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+        fn()
+        inner.append(max(1, math.ceil(min_time_s / max(time.perf_counter() - t0, 1e-7))))
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, n, out in zip(fns, inner, samples, strict=True):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - t0) / n)
+    return [statistics.median(out) for out in samples]
+
+
+def _time_call(fn: Callable[[], object], *, repeats: int, min_time_s: float) -> float:
+    """Median seconds per call of one function (see :func:`_time_calls`)."""
+    return _time_calls([fn], repeats=repeats, min_time_s=min_time_s)[0]
 
 
 def measure_matmul(cfg: ProbeConfig) -> list[dict[str, float]]:
@@ -112,7 +123,7 @@ def measure_matmul(cfg: ProbeConfig) -> list[dict[str, float]]:
     the backward's transposed layouts too."""
     import torch
 
-    rows = []
+    fns: list[Callable[[], object]] = []
     for d in cfg.gemm_dims:
         x = torch.randn(cfg.gemm_tokens, d)
         w = torch.randn(d, 4 * d)
@@ -123,10 +134,16 @@ def measure_matmul(cfg: ProbeConfig) -> list[dict[str, float]]:
             torch.matmul(dy, w.T)
             torch.matmul(x.T, dy)
 
-        sec = _time_call(triple, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
-        flops = 3 * 2.0 * cfg.gemm_tokens * d * 4 * d
-        rows.append({"tokens": cfg.gemm_tokens, "dim": d, "tflops": flops / sec / 1e12})
-    return rows
+        fns.append(triple)
+    secs = _time_calls(fns, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    return [
+        {
+            "tokens": cfg.gemm_tokens,
+            "dim": d,
+            "tflops": 3 * 2.0 * cfg.gemm_tokens * d * 4 * d / sec / 1e12,
+        }
+        for d, sec in zip(cfg.gemm_dims, secs, strict=True)
+    ]
 
 
 def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
@@ -135,7 +152,7 @@ def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
     import torch
     import torch.nn.functional as F
 
-    rows = []
+    fns: list[Callable[[], object]] = []
     for s in cfg.attn_seqs:
         q, k, v = (
             torch.randn(1, cfg.attn_heads, s, cfg.head_dim, requires_grad=True) for _ in range(3)
@@ -148,10 +165,16 @@ def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
             out = F.scaled_dot_product_attention(q, k, v)
             torch.autograd.grad(out, (q, k, v), grad)
 
-        sec = _time_call(step, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
-        flops = 3.5 * 4.0 * cfg.attn_heads * s * s * cfg.head_dim
-        rows.append({"seq": s, "head_dim": cfg.head_dim, "tflops": flops / sec / 1e12})
-    return rows
+        fns.append(step)
+    secs = _time_calls(fns, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    return [
+        {
+            "seq": s,
+            "head_dim": cfg.head_dim,
+            "tflops": 3.5 * 4.0 * cfg.attn_heads * s * s * cfg.head_dim / sec / 1e12,
+        }
+        for s, sec in zip(cfg.attn_seqs, secs, strict=True)
+    ]
 
 
 def measure_elementwise_gb_s(cfg: ProbeConfig) -> float:
@@ -238,23 +261,45 @@ def measure_loopback(cfg: ProbeConfig) -> dict[str, float]:
 
 
 _GLOO_WORKER = """
-import os, sys, time, json, statistics
+import sys, time, json, statistics
 import torch, torch.distributed as dist
-rank, port, mb = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+rank, port, mb, reps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                         timeout=__import__("datetime").timedelta(seconds=60))
-big, small = torch.ones(mb * 2**20 // 4), torch.ones(1)
-for _ in range(2):
-    dist.all_reduce(big)
-lat = []
+a = torch.randn(256, 256)
+def burst(n):  # fixed work (not fixed time): ranks that run slower arrive later, as in a job
+    for _ in range(n):
+        a @ a
+def in_context(nbytes, count, work=8):
+    # Mean time in all_reduce of a fresh tensor issued right after a burst of compute.
+    base, out = torch.ones(max(1, nbytes // 4)), []
+    for i in range(count + 2):
+        t = base.clone()
+        burst(work)
+        t0 = time.perf_counter(); dist.all_reduce(t); dt = time.perf_counter() - t0
+        if i >= 2:
+            out.append(dt)
+    return statistics.mean(out)
+small = torch.ones(1)
+hot = []
 for _ in range(50):
-    t0 = time.perf_counter(); dist.all_reduce(small); lat.append(time.perf_counter() - t0)
-bw = []
-for _ in range(3):
-    t0 = time.perf_counter(); dist.all_reduce(big); bw.append(time.perf_counter() - t0)
+    t0 = time.perf_counter(); dist.all_reduce(small); hot.append(time.perf_counter() - t0)
+big = mb * 2**20
+sizes = {64 * 1024: in_context(64 * 1024, reps), 2**20: in_context(2**20, reps)}
+sizes[big] = in_context(big, max(3, reps // 8))
+# Overlap: the big all-reduce launched asynchronously while this rank computes about as long.
+work, alone, both, comm = 60, [], [], []
+for _ in range(max(9, reps // 4)):
+    t = torch.ones(big // 4); dist.barrier()
+    t0 = time.perf_counter(); burst(work); alone.append(time.perf_counter() - t0)
+    dist.barrier(); t0 = time.perf_counter(); dist.all_reduce(t); comm.append(time.perf_counter() - t0)
+    dist.barrier(); t0 = time.perf_counter()
+    h = dist.all_reduce(t, async_op=True); burst(work); h.wait()
+    both.append(time.perf_counter() - t0)
 if rank == 0:
-    print(json.dumps({"allreduce_s": statistics.median(bw), "small_s": statistics.median(lat),
-                      "bytes": big.numel() * 4}))
+    print(json.dumps({"hot_small_s": statistics.median(hot), "sizes": sizes,
+                      "compute_s": statistics.median(alone), "allreduce_s": statistics.median(comm),
+                      "overlapped_s": statistics.median(both)}))
 dist.destroy_process_group()
 """
 
@@ -262,13 +307,17 @@ dist.destroy_process_group()
 def measure_compute_concurrent(cfg: ProbeConfig, *, timeout_s: float = 120.0) -> dict[str, Any]:
     """Matmul and attention rates per rank while ``cfg.concurrent_ranks`` processes measure at
     once: the rate each rank of a local multi-rank job gets when they share the machine's cores
-    and memory bandwidth. Rates are averaged over ranks, shape by shape."""
+    and memory bandwidth. Rates are averaged over ranks, shape by shape. The workers pass a
+    start gate once torch is imported, so their measurements run at the same time."""
+    import select
+
     one = dataclasses.replace(cfg, concurrent_ranks=1, gloo=False)
     arg = json.dumps(dataclasses.asdict(one))
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads or 1)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "step_infra.emulator.hwprobe", "--compute-worker", arg],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -278,6 +327,16 @@ def measure_compute_concurrent(cfg: ProbeConfig, *, timeout_s: float = 120.0) ->
     ]
     results = []
     try:
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            assert p.stdout is not None
+            ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready or p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"compute probe worker {p.pid} did not start in {timeout_s} s")
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
         for p in procs:
             out, err = p.communicate(timeout=timeout_s)
             if p.returncode:
@@ -302,10 +361,13 @@ def _compute_worker(arg: str) -> None:
     for key in ("gemm_dims", "attn_seqs"):
         fields[key] = tuple(fields[key])
     cfg = ProbeConfig(**fields)
-    if cfg.threads:
-        import torch
+    import torch
 
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    sys.stdout.write("ready\n")  # start gate: wait until every worker has imported torch
+    sys.stdout.flush()
+    sys.stdin.readline()
     out = {"matmul": measure_matmul(cfg), "attention": measure_attention(cfg)}
     sys.stdout.write(json.dumps(out) + "\n")
 
@@ -316,15 +378,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure_gloo_allreduce(cfg: ProbeConfig, *, timeout_s: float = 90.0) -> dict[str, float]:
-    """Two gloo processes on this machine: all-reduce bus bandwidth (GB/s, the ring's
-    ``2 (n-1)/n x bytes / time``) and per-hop latency (us). Both processes are ours and are
-    killed by PID if they outlive ``timeout_s``."""
+def measure_gloo_allreduce(
+    cfg: ProbeConfig, *, timeout_s: float = 90.0, reps: int = 40
+) -> dict[str, Any]:
+    """Two gloo processes on this machine, timed the way a training step uses them.
+
+    A step issues its collectives between bursts of compute and pays their sum, so each
+    all-reduce here follows a fixed amount of matmul work (a rank that computes slower arrives
+    later, as in a job) and the *mean* over ``reps`` is kept: the rare slow wake-ups of a
+    shared, virtualized host are part of what a step pays, and a median hides them. Sizes
+    64 KiB, 1 MiB and ``loopback_mb`` give the ring's per-hop latency and bus bandwidth
+    (``t = 2 (n-1) lat + 2 (n-1)/n bytes / busbw``, least squares). Then the big all-reduce
+    runs asynchronously beside a compute burst of about its length: the share of the compute
+    time it hid under (from the medians of 9 repeats of each) is ``overlap`` (near 0 on a CPU, whose cores do
+    both). Both processes are ours and are killed
+    by PID if they outlive ``timeout_s``."""
+    import numpy as np
+
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(port), str(cfg.loopback_mb), str(reps)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _GLOO_WORKER, str(r), str(port), str(cfg.loopback_mb)],
+            [sys.executable, "-c", _GLOO_WORKER, str(r), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -346,8 +422,28 @@ def measure_gloo_allreduce(cfg: ProbeConfig, *, timeout_s: float = 90.0) -> dict
                 p.wait()
     res = json.loads(outs[0].strip().splitlines()[-1])
     n = 2
-    busbw = 2 * (n - 1) / n * res["bytes"] / res["allreduce_s"] / 1e9
-    return {"busbw_gb_s": busbw, "latency_us": res["small_s"] / (2 * (n - 1)) * 1e6}
+    nbytes = np.array([float(k) for k in res["sizes"]])
+    secs = np.array(list(res["sizes"].values()), dtype=float)
+    # relative least squares: each size weighs the same whatever its time
+    design = np.stack([np.full_like(nbytes, 2.0 * (n - 1)), 2.0 * (n - 1) / n * nbytes], axis=1)
+    (lat_s, inv_bw), *_ = np.linalg.lstsq(design / secs[:, None], np.ones_like(secs), rcond=None)
+    if inv_bw <= 0 or lat_s <= 0:  # noise swamped one term: fall back to the two extremes
+        lat_s = secs[0] / (2 * (n - 1))
+        inv_bw = max(secs[-1] - secs[0], 1e-9) / (2 * (n - 1) / n * (nbytes[-1] - nbytes[0]))
+    # time saved by running both at once, from the medians of each (robust to one slow run)
+    hidden = res["compute_s"] + res["allreduce_s"] - res["overlapped_s"]
+    return {
+        "busbw_gb_s": 1.0 / inv_bw / 1e9,
+        "latency_us": lat_s * 1e6,
+        "hot_latency_us": res["hot_small_s"] / (2 * (n - 1)) * 1e6,
+        "overlap": min(1.0, max(0.0, hidden / res["compute_s"])),
+        "in_context_s": {str(int(b)): float(t) for b, t in zip(nbytes, secs, strict=True)},
+        "overlap_probe_s": {
+            "compute": res["compute_s"],
+            "allreduce": res["allreduce_s"],
+            "both": res["overlapped_s"],
+        },
+    }
 
 
 def fit_gemm_curve(rows: list[dict[str, float]]) -> tuple[float, float]:
@@ -401,6 +497,8 @@ def build_profile(
     gloo = measurements.get("gloo")
     comm_eff = min(1.0, gloo["busbw_gb_s"] / loop["gb_s"]) if gloo else 0.5
     latency = gloo["latency_us"] if gloo else loop["latency_us"]
+    # Without a gloo measurement assume nothing hides: a CPU's cores both compute and copy.
+    overlap = gloo.get("overlap", 0.0) if gloo else 0.0
     gpu_values: dict[str, Any] = {
         "name": name,
         "peak_tflops_bf16": peak,
@@ -416,6 +514,7 @@ def build_profile(
         "attn_eff": attention_efficiency(measurements["attention"], peak),
         "fp8_gemm_eff_max": 1.0,
         "comm_eff": comm_eff,
+        "comm_overlap": overlap,
     }
     cluster_values: dict[str, Any] = {
         "gpus_per_node": ranks_per_node,

@@ -14,12 +14,12 @@ from __future__ import annotations
 from step_infra.emulator.specs import ClusterSpec, GPUSpec, ModelSpec
 
 # Fitted on shared/calibration by `python benchmarks/emulator_validation.py --fit`.
-_AMPERE_FIT = {"gemm_eff_max": 0.7688, "gemm_half_dim": 137.4, "attn_eff": 0.30, "comm_eff": 0.8557}
+_AMPERE_FIT = {"gemm_eff_max": 0.7589, "gemm_half_dim": 133.3, "attn_eff": 0.30, "comm_eff": 0.90}
 _HOPPER_FIT = {
-    "gemm_eff_max": 0.7224,
-    "gemm_half_dim": 114.8,
-    "attn_eff": 0.4647,
-    "fp8_gemm_eff_max": 0.5516,
+    "gemm_eff_max": 0.7429,
+    "gemm_half_dim": 119.5,
+    "attn_eff": 0.4041,
+    "fp8_gemm_eff_max": 0.5861,
     "comm_eff": 0.90,
 }
 
@@ -178,8 +178,9 @@ MODELS: dict[str, ModelSpec] = {
             text_dim=1024,
             latent_channels=64,
         ),
-        # The project's CPU demo model (same shapes as step_infra.models' `tiny-dit`): 9-frame
-        # 64x64 clips -> 3 x 4 x 4 latent tokens with the tiny VAE (4x time, 16x space).
+        # The project's CPU models (same shapes as step_infra.models' `tiny-dit` and
+        # `micro-dit`, trained in fp32 there): 9-frame 16x16 clips -> 3 x 4 x 4 latent tokens
+        # with the tiny VAE (4x time, 4x space, 9-frame chunks); 24 text tokens by default.
         ModelSpec(
             name="tiny-dit",
             kind="dit",
@@ -189,10 +190,32 @@ MODELS: dict[str, ModelSpec] = {
             head_dim=32,
             ffn=512,
             seq_len=48,
+            dtype="fp32",
             text_tokens=24,
             text_dim=384,
+            text_dim_long=128,
+            timestep_channels=64,
             latent_channels=16,
             vae_time=4,
+            vae_space=4,
+        ),
+        ModelSpec(
+            name="micro-dit",
+            kind="dit",
+            layers=2,
+            hidden=32,
+            heads=4,
+            head_dim=8,
+            ffn=64,
+            seq_len=48,
+            dtype="fp32",
+            text_tokens=24,
+            text_dim=24,
+            text_dim_long=16,
+            timestep_channels=16,
+            latent_channels=4,
+            vae_time=4,
+            vae_space=4,
         ),
     ]
 }

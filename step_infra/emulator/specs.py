@@ -21,6 +21,12 @@ class ModelSpec:
 
     For a DiT, ``seq_len`` is the number of latent tokens of one sample (see
     :meth:`with_video`) and ``text_tokens`` the length of the text it cross-attends to.
+
+    ``dtype`` is what the model trains in: ``"bf16"`` is mixed precision (bf16 weights and
+    activations, fp32 gradients and Adam master weights, as Megatron runs on GPUs);
+    ``"fp32"`` is plain fp32 training (the CPU demo models). It sets the bytes of every
+    activation, element-wise pass and activation message; the GEMM rate is the profile's (a CPU
+    profile measures fp32 matmuls, a GPU preset's peak is bf16).
     """
 
     name: str
@@ -36,9 +42,12 @@ class ModelSpec:
     seq_len: int
     tied_embeddings: bool = True
     learned_positions: bool = False
+    dtype: Literal["bf16", "fp32"] = "bf16"
     # DiT-only fields
     text_tokens: int = 0
     text_dim: int = 0
+    text_dim_long: int | None = None  # width of the long (LLM) text encoder; None: hidden
+    timestep_channels: int = 256
     latent_channels: int = 0
     vae_time: int = 8
     vae_space: int = 16
@@ -64,8 +73,17 @@ class ModelSpec:
             raise ValueError(
                 f"{self.name}: heads {self.heads} not a multiple of kv_heads {self.kv_heads}"
             )
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"{self.name}: dtype={self.dtype!r}; expected 'bf16' or 'fp32'")
+        if self.text_dim_long is None:
+            object.__setattr__(self, "text_dim_long", self.hidden)
         if self.kind == "dit" and self.latent_channels < 1:
             raise ValueError(f"{self.name}: a DiT needs latent_channels >= 1")
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes of one activation element (and of a weight in the forward pass)."""
+        return 4 if self.dtype == "fp32" else 2
 
     @property
     def attn_dim(self) -> int:
@@ -101,6 +119,10 @@ class GPUSpec:
     (``peak * eff_max * d / (d + half_dim)`` for the smallest per-GPU GEMM dimension ``d``);
     ``attn_eff`` is the fraction of peak reached by fused attention; ``comm_eff`` the fraction
     of link bandwidth a ring collective reaches. They are fitted on shared/calibration.
+    ``comm_overlap`` is the share of the compute time under which an overlapped collective can
+    run hidden: 0.9 on a GPU, whose NICs and copy engines move data beside the SMs (NCCL's
+    kernels take a few of them); on a CPU the collective's threads need the cores the compute
+    uses, and ``step-infra calibrate`` measures it.
     """
 
     name: str
@@ -115,6 +137,7 @@ class GPUSpec:
     attn_eff: float = 0.55
     fp8_gemm_eff_max: float = 0.55
     comm_eff: float = 0.75
+    comm_overlap: float = 0.9
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -58,6 +58,11 @@ def test_profile_loads_into_cluster_spec(tmp_path: Path) -> None:
     assert g.name == "unit-cpu"
     assert g.peak_tflops_bf16 == pytest.approx(2.0, rel=1e-3)
     assert g.hbm_gb_s == 30.0 and g.nvlink_gb_s == 4.0
+    # no overlap measured: a CPU's cores both compute and copy, so nothing hides
+    assert g.comm_overlap == 0.0
+    meas = _measurements()
+    meas["gloo"]["overlap"] = 0.25
+    assert build_profile(meas, name="unit-cpu")["gpu"]["comm_overlap"] == 0.25
     assert g.comm_eff == pytest.approx(0.25)  # gloo 1.0 GB/s over 4.0 GB/s raw loopback
     assert cluster.gpus_per_node == 2
     assert cluster.nvlink_latency_us == 40.0
@@ -89,9 +94,11 @@ def test_quick_probe_writes_loadable_profile(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_gloo_allreduce_two_processes() -> None:
-    res = measure_gloo_allreduce(ProbeConfig(loopback_mb=2), timeout_s=90)
+    res = measure_gloo_allreduce(ProbeConfig(loopback_mb=2), timeout_s=90, reps=4)
     assert res["busbw_gb_s"] > 0.001
-    assert res["latency_us"] > 0
+    assert res["latency_us"] > 0 and res["hot_latency_us"] > 0
+    assert 0.0 <= res["overlap"] <= 1.0
+    assert sorted(res["in_context_s"], key=int) == ["65536", "1048576", str(2 * 2**20)]
 
 
 def test_bad_config_is_rejected() -> None:

@@ -85,3 +85,20 @@ def test_profile_callable_is_called_per_layout(tmp_path: Path) -> None:
 
     rows = run_local_check(profile_for, SMALL, layouts={"1 rank": (1, 1)})
     assert calls == [1] and rows[0]["predicted_step_s"] > 0
+
+
+def test_contended_layout_is_timed_again_and_every_attempt_kept(tmp_path: Path) -> None:
+    # max_other_load 0 treats any other process as contention: both attempts are used
+    rows = run_local_check(
+        {1: _profile(tmp_path, 1)},
+        SMALL,
+        layouts={"1 rank": (1, 1)},
+        max_other_load=0.0,
+        attempts=2,
+    )
+    tries = rows[0]["attempts"]
+    assert 1 <= len(tries) <= 2 and all(t["measured_step_s"] > 0 for t in tries)
+    assert rows[0]["measured_step_s"] == tries[-1]["measured_step_s"]
+    assert 0.0 <= rows[0]["other_load"] <= 1.0
+    with pytest.raises(ValueError, match="attempts must be >= 1"):
+        run_local_check({1: _profile(tmp_path, 1)}, SMALL, attempts=0)
