@@ -90,6 +90,7 @@ from step_infra.emulator.cli import plan as _plan  # noqa: E402
 from step_infra.recipes.cli import recipe as _recipe  # noqa: E402
 from step_infra.telemetry.cli import dashboard as _telemetry_dashboard  # noqa: E402
 from step_infra.telemetry.cli import telemetry_demo as _telemetry_demo  # noqa: E402
+from step_infra.train_cli import train as _train  # noqa: E402
 
 app.command(name="calibrate")(_calibrate)
 app.command(name="plan")(_plan)
@@ -102,6 +103,7 @@ app.command(name="registry")(_registry)
 app.add_typer(_rpc_app, name="rpc")
 app.command(name="dashboard")(_telemetry_dashboard)
 app.command(name="telemetry-demo")(_telemetry_demo)
+app.command(name="train")(_train)
 
 
 def main() -> None:

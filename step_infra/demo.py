@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -64,24 +66,80 @@ def stage_plan(out: Path, console: Console) -> dict[str, str]:
     return outputs
 
 
-def stage_eviction(out: Path, console: Console) -> dict[str, str]:
-    """StepTelemetry: 3 torchrun agents + 1 hot spare, one node slowed 30%, evicted, replaced."""
-    from step_infra.telemetry.story import run_eviction_story
+def stage_train(out: Path, console: Console) -> dict[str, str]:
+    """The main job: encoder servers stream over StepRPC to 2 nodes x 2 trainer ranks + a hot
+    spare; a node is slowed 30 % (detected, evicted, the spare joins) and later a trainer is
+    killed with -9 (recovered from the last durable checkpoint). Then the same job runs
+    briefly with one VAE server fewer, to show what an under-sized encoder split costs."""
+    from step_infra.train.job.config import Faults, tiny_t2v
+    from step_infra.train.job.launcher import run_training_job
+    from step_infra.train.job.report import job_metrics, write_job_report
 
-    run_dir = out / "telemetry"
-    result, report = run_eviction_story(run_dir, console=console)
-    if not result.ok or not result.evicted or not result.joined:
-        raise DemoStageError(
-            f"eviction story did not complete: {result.reason}, evicted {result.evicted}, "
-            f"joined {result.joined} (logs in {run_dir / 'logs'})"
+    cfg = tiny_t2v()
+    run_dir = out / "train"
+    result = run_training_job(cfg, run_dir, console=console, fresh=True)
+    m = job_metrics(run_dir)
+    faults = [e["event"] for e in m["faults"]]
+    problems = []
+    if not result.ok:
+        problems.append(f"job failed: {result.reason}")
+    if result.elastic is not None and not (result.elastic.evicted and result.elastic.joined):
+        problems.append("the slowed node was not evicted and replaced")
+    if "fault_injected" not in faults or faults.count("restart") < 2:
+        problems.append(f"the kill -9 was not followed by a restart (events: {faults})")
+    if not m["audit"]["exactly_once"]:
+        problems.append(f"data audit failed: {m['audit']}")
+    if problems:
+        raise DemoStageError("; ".join(problems) + f" (logs in {run_dir / 'logs'})")
+    console.rule("same job, one VAE server fewer")
+    runs = [_encoder_run(cfg, m)]
+    if cfg.vae_servers > 1:
+        fewer = cfg.replace(vae_servers=cfg.vae_servers - 1, steps=20, faults=Faults())
+        small_dir = out / "train-fewer-encoders"
+        shutil.rmtree(small_dir, ignore_errors=True)
+        (small_dir / "assets").mkdir(parents=True)
+        shutil.copy(run_dir / "assets" / "vae.pt", small_dir / "assets" / "vae.pt")
+        run_training_job(
+            fewer, small_dir, console=console, sample=False, report=False, predict=False
         )
-    return {"telemetry run": str(run_dir), "telemetry report": str(report)}
+        runs.append(_encoder_run(fewer, job_metrics(small_dir)))
+    (run_dir / "encoder_experiment.json").write_text(json.dumps({"runs": runs}, indent=2))
+    for r in runs:
+        console.print(
+            f"  {r['vae_servers']} VAE server(s): data stall {r['data_stall_fraction']}: {r['why']}"
+        )
+    report = write_job_report(run_dir)
+    shutil.copy(report, out / "report.html")
+    console.print(
+        f"measured step {m.get('measured_step_s')} s vs emulator {m.get('predicted_step_s')} s; "
+        f"data stall {m.get('data_stall_fraction')}; every sample once: "
+        f"{m['audit']['exactly_once']}"
+    )
+    console.print(f"live dashboard: [bold]step-infra dashboard {run_dir}[/]")
+    return {"training run": str(run_dir), "report": str(out / "report.html")}
+
+
+def _encoder_run(cfg: Any, m: dict[str, Any]) -> dict[str, Any]:
+    """One row of the encoder-split experiment, with the reason its stall is what it is."""
+    supply = cfg.vae_servers * cfg.vae_rate
+    step = m.get("measured_step_s") or float("nan")
+    stall = m.get("data_stall_fraction") or 0.0
+    consumption = cfg.global_batch / (step * (1 - stall)) if step == step else float("nan")
+    verdict = "trainers wait for latents" if supply < consumption else "encoders stay ahead"
+    return {
+        "vae_servers": cfg.vae_servers,
+        "vae_rate": cfg.vae_rate,
+        "consumption_per_s": round(consumption, 2),
+        "data_stall_fraction": m.get("data_stall_fraction"),
+        "why": f"VAE servers supply {supply:g} samples/s, trainers consume {consumption:.1f}/s "
+        f"when fed: {verdict}",
+    }
 
 
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("environment", stage_environment),
     ("parallel plan (Step Emulator)", stage_plan),
-    ("straggler eviction (StepTelemetry + TorchElastic)", stage_eviction),
+    ("fault-tolerant streaming training (StepRPC + StepTelemetry + TorchElastic)", stage_train),
 )
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from step_infra.data.synthetic import SyntheticClips, SyntheticConfig
+from step_infra.data.synthetic import SyntheticClips, SyntheticConfig, clip_spec
 from step_infra.models.vae import VAEConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 TEXT_PIPE = "text"
 LATENT_PIPE = "latents"
 TOKEN_ENV = "STEP_TOKEN"
+VAE_BATCH = 8  # clips a VAE server encodes at once when that many are waiting
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +85,12 @@ def caption_language(sample_id: int) -> str:
     return "zh" if (sample_id * 2654435761) >> 7 & 1 else "en"
 
 
+def caption_of(clips: SyntheticClips, sample_id: int) -> str:
+    """The caption of sample ``sample_id`` (clip ``id mod len``, language by id)."""
+    spec = clip_spec(clips.config, sample_id % len(clips))
+    return spec.caption(caption_language(sample_id))
+
+
 class _Pacer:
     """Holds a server to ``rate`` items/s and accounts busy vs idle time."""
 
@@ -94,26 +101,33 @@ class _Pacer:
         self.items = 0
         self.t0 = time.monotonic()
 
-    def done(self, started: float, n: int = 1) -> None:
-        work = time.monotonic() - started
-        self.busy_s += work
+    def done(self, started: float, encoded: float, n: int = 1) -> None:
+        """``n`` items begun at ``started``, encoded by ``encoded`` (then sent, which may
+        wait for the consumers' credit): sleep out the rest of their device budget."""
+        self.busy_s += encoded - started
         self.items += n
-        rest = n * self.budget_s - work
+        rest = n * self.budget_s - (time.monotonic() - started)
         if rest > 0:
             self.paced_s += rest
             time.sleep(rest)
 
 
 class _Stopping:
-    """SIGTERM/SIGINT flip a flag; the loops finish their item and exit cleanly."""
+    """SIGTERM/SIGINT, or the launcher dying (we get re-parented), end the serving loop: the
+    loops finish their item and exit cleanly, and no server outlives its job."""
 
     def __init__(self) -> None:
-        self.flag = False
+        self._signalled = False
+        self._parent = os.getppid()
         signal.signal(signal.SIGTERM, self._set)
         signal.signal(signal.SIGINT, self._set)
 
     def _set(self, *_: object) -> None:
-        self.flag = True
+        self._signalled = True
+
+    @property
+    def flag(self) -> bool:
+        return self._signalled or os.getppid() != self._parent
 
 
 def _write_stats(cfg: ServerConfig, name: str, pacer: _Pacer, **extra: Any) -> None:
@@ -126,7 +140,7 @@ def _write_stats(cfg: ServerConfig, name: str, pacer: _Pacer, **extra: Any) -> N
         "items": pacer.items,
         "rate_cap": 1.0 / pacer.budget_s,
         "wall_s": round(wall, 3),
-        "busy_s": round(pacer.busy_s, 3),  # real encoding work
+        "busy_s": round(pacer.busy_s, 3),  # real encoding work (not waiting to send)
         "paced_s": round(pacer.paced_s, 3),  # the rest of each item's device budget
         "utilization": round((pacer.busy_s + pacer.paced_s) / wall, 4) if wall > 0 else 0.0,
         "t_unix_s": time.time(),
@@ -184,6 +198,9 @@ def run_text_server(cfg: ServerConfig, index: int) -> None:
     with _producer(cfg, TEXT_PIPE, name, registry) as prod:
         ids = iter(range(cfg.start_id + index, cfg.end_id, cfg.text_servers))
         batch = 8
+        # Captions repeat (the synthetic set has a few dozen): encode each once, as a
+        # production pipeline precomputes text embeddings of a fixed caption set.
+        cache: dict[str, dict[str, torch.Tensor]] = {}
         last_stats = 0.0
         while not stopping.flag:
             chunk = [i for _, i in zip(range(batch), ids, strict=False)]
@@ -191,19 +208,20 @@ def run_text_server(cfg: ServerConfig, index: int) -> None:
                 prod.poll(200)
                 continue
             started = time.monotonic()
-            specs = [clips[i % len(clips)] for i in chunk]
-            captions = [str(s[f"caption_{caption_language(i)}"]) for s, i in zip(specs, chunk, strict=True)]
-            feats = encoders(captions)
-            for row, (sid, cap) in enumerate(zip(chunk, captions, strict=True)):
-                ls, ll = int(feats["short_lengths"][row]), int(feats["long_lengths"][row])
-                prod.send(
-                    {
-                        "text_short": feats["text_short"][row, :ls],
-                        "text_long": feats["text_long"][row, :ll],
-                    },
-                    {"id": sid, "caption": cap},
-                )
-            pacer.done(started, len(chunk))
+            captions = [caption_of(clips, i) for i in chunk]
+            new = sorted({c for c in captions if c not in cache})
+            if new:
+                feats = encoders(new)
+                for row, cap in enumerate(new):
+                    ls, ll = int(feats["short_lengths"][row]), int(feats["long_lengths"][row])
+                    cache[cap] = {
+                        "text_short": feats["text_short"][row, :ls].clone(),
+                        "text_long": feats["text_long"][row, :ll].clone(),
+                    }
+            encoded = time.monotonic()
+            for sid, cap in zip(chunk, captions, strict=True):
+                prod.send(cache[cap], {"id": sid, "caption": cap})
+            pacer.done(started, encoded, len(chunk))
             if time.monotonic() - last_stats > 1.0:
                 last_stats = time.monotonic()
                 _write_stats(cfg, name, pacer, next_id=chunk[-1] + cfg.text_servers)
@@ -241,7 +259,7 @@ def run_vae_server(cfg: ServerConfig, index: int) -> None:
             text_addresses,
             group=name,
             member="0",
-            config=ConsumerConfig(prefetch=4),
+            config=ConsumerConfig(prefetch=2 * VAE_BATCH),
             registry=registry,
         ) as text,
     ):
@@ -252,17 +270,25 @@ def run_vae_server(cfg: ServerConfig, index: int) -> None:
                 prod.poll(0)
                 continue
             started = time.monotonic()
-            sid = int(item.metadata["id"])
-            video = clips[sid % len(clips)]["video"]
-            assert isinstance(video, torch.Tensor)
+            # Encode what is waiting as one batch (up to `vae_batch`): a device's throughput.
+            taken = [(int(item.metadata["id"]), item.metadata["caption"],
+                      {k: v.clone() for k, v in item.tensors.items()})]  # fmt: skip
+            while len(taken) < VAE_BATCH:
+                more = text.get(timeout_s=0)
+                if more is None:
+                    break
+                taken.append((int(more.metadata["id"]), more.metadata["caption"],
+                              {k: v.clone() for k, v in more.tensors.items()}))  # fmt: skip
+            videos = [clips[sid % len(clips)]["video"] for sid, _, _ in taken]
             with torch.no_grad():
-                latent = vae.encode(video[None])[0][0] * scale
-            tensors = {"latent": latent, **{k: v.clone() for k, v in item.tensors.items()}}
-            prod.send(tensors, {"id": sid, "caption": item.metadata["caption"]})
-            pacer.done(started)
+                latents = vae.encode(torch.stack(videos))[0] * scale  # type: ignore[arg-type]
+            encoded = time.monotonic()
+            for (sid, caption, text_tensors), latent in zip(taken, latents, strict=True):
+                prod.send({"latent": latent, **text_tensors}, {"id": sid, "caption": caption})
+            pacer.done(started, encoded, len(taken))
             if time.monotonic() - last_stats > 1.0:
                 last_stats = time.monotonic()
-                _write_stats(cfg, name, pacer, last_id=sid, unacked=prod.unacked)
+                _write_stats(cfg, name, pacer, last_id=taken[-1][0], unacked=prod.unacked)
         _write_stats(cfg, name, pacer)
     registry.close()
 

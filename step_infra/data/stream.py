@@ -176,7 +176,9 @@ class StepStream:
             held.acks.append(WireRef(item.producer, item.seq))
             return
         tensors = {k: t.clone() for k, t in item.tensors.items()}
-        self._buffer[sid] = Sample(sid, tensors, dict(item.metadata), [WireRef(item.producer, item.seq)])
+        self._buffer[sid] = Sample(
+            sid, tensors, dict(item.metadata), [WireRef(item.producer, item.seq)]
+        )
 
     def _holders(self, ids: range) -> list[list[int]]:
         """For each id, the replicas all of whose ranks hold it (same answer on every rank)."""

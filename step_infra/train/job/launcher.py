@@ -202,7 +202,9 @@ def apply_plan(cfg: JobConfig, plan: Path) -> JobConfig:
     out = cfg.replace(**changes)
     for bad in ("pp", "cp"):
         if int(s.get(bad, 1)) != 1:
-            raise ValueError(f"plan {plan}: {bad}={s[bad]}; the streaming trainer supports tp x dp only")
+            raise ValueError(
+                f"plan {plan}: {bad}={s[bad]}; the streaming trainer supports tp x dp only"
+            )
     dp = int(s.get("dp", out.dp))
     if dp * out.tp != out.world_size:
         raise ValueError(
@@ -221,6 +223,8 @@ def run_training_job(
     job_timeout_s: float = 900.0,
     sample: bool = True,
     report: bool = True,
+    predict: bool = True,
+    auto_split: bool = False,
 ) -> TrainResult:
     """Run (or resume) the job in ``run_dir``; blocks until it ends. See the module doc."""
     from step_infra.train.job.assets import prepare_vae, text_encoders
@@ -235,10 +239,14 @@ def run_training_job(
     short, long_ = encoders.dims
     cfg = cfg.replace(text_dim_short=short, text_dim_long=long_)
     del encoders
-    console.print(f"VAE: {'cached' if (run_dir / 'assets/vae.pt').exists() else 'pre-training'} ...")
+    console.print(
+        f"VAE: {'cached' if (run_dir / 'assets/vae.pt').exists() else 'pre-training'} ..."
+    )
     vae = prepare_vae(cfg, run_dir / "assets" / "vae.pt")
     if "psnr_db" in vae:
         console.print(f"  VAE trained {int(vae['steps'])} steps, PSNR {vae['psnr_db']} dB")
+    if predict:
+        cfg = _predict(cfg, run_dir, console, auto_split=auto_split)
     cfg.save(run_dir)
     durable = latest_durable(run_dir / "checkpoints")
     start_id = 0 if durable is None else (durable_step(durable) + 1) * cfg.global_batch
@@ -255,7 +263,8 @@ def run_training_job(
         children.start(
             "registry",
             ["-c", "from step_infra.cli import app; app()", "registry",
-             "--port", registry_addr.rsplit(":", 1)[1], "--lease-s", str(cfg.lease_s * 4)],
+             "--port", registry_addr.rsplit(":", 1)[1], "--lease-s", str(cfg.lease_s * 4),
+             "--run-s", str(job_timeout_s + 600)],  # stops by itself if we are killed
         )  # fmt: skip
         server_cfg = ServerConfig(
             run_dir=str(run_dir),
@@ -341,6 +350,36 @@ def run_training_job(
         result.report = write_job_report(run_dir)
     result.wall_s = round(time.monotonic() - t0, 1)
     return result
+
+
+def _predict(cfg: JobConfig, run_dir: Path, console: Console, *, auto_split: bool) -> JobConfig:
+    """Emulator prediction of the step (saved for the report); with ``auto_split`` it also
+    sizes the encoder servers to feed the predicted consumption."""
+    import json
+
+    from step_infra.train.job.config import encoder_split
+    from step_infra.train.job.prediction import predict_step
+
+    console.print("Step Emulator: measuring this machine and pricing the job's layout ...")
+    try:
+        pred = predict_step(cfg, run_dir / "assets" / "hw_profile.json")
+    except Exception as exc:  # the prediction informs; it never stops a training job
+        log.warning("no emulator prediction: %s", exc)
+        console.print(f"  [yellow]no prediction[/]: {exc}")
+        return cfg
+    consumption = cfg.global_batch / pred["step_time_s"]
+    pred["consumption_per_s"] = consumption
+    if auto_split:
+        vae, text = encoder_split(consumption, vae_rate=cfg.vae_rate, text_rate=cfg.text_rate)
+        cfg = cfg.replace(vae_servers=vae, text_servers=text)
+    pred.update(vae_servers=cfg.vae_servers, text_servers=cfg.text_servers)
+    (run_dir / "prediction.json").write_text(json.dumps(pred, indent=2))
+    console.print(
+        f"  predicted step {pred['step_time_s']:.3f} s ({pred['layout']}): trainers consume "
+        f"{consumption:.1f} samples/s -> {cfg.vae_servers} VAE server(s) x {cfg.vae_rate:g}/s, "
+        f"{cfg.text_servers} text server(s) x {cfg.text_rate:g}/s"
+    )
+    return cfg
 
 
 def _sample_captions(n: int) -> list[str]:

@@ -18,11 +18,11 @@ the exact mean over the global batch, whatever the split.
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import os
 import signal
 import time
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -107,9 +107,7 @@ def _sharded(p: nn.Parameter, tp: int) -> bool:
     return tp > 1 and bool(getattr(p, "tensor_model_parallel", False))
 
 
-def reduce_gradients(
-    model: nn.Module, groups: ParallelGroups, loss_sum: float
-) -> float:
+def reduce_gradients(model: nn.Module, groups: ParallelGroups, loss_sum: float) -> float:
     """Sum gradients (and the loss) over replicas in one flat all-reduce; returns the summed
     loss. Parameters whose gradient is partial per TP rank are summed over TP first."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -200,10 +198,17 @@ def main() -> None:
         position=session.start_step * cfg.global_batch,
     )
     nominal = cfg.global_batch / grid.dp
+    (session.env.run_dir / "ledger").mkdir(exist_ok=True)
+    ledger = (session.env.run_dir / "ledger" / f"g{session.generation}-r{rank}.jsonl").open("a")
     with session.recorder() as rec:
         for step in range(session.start_step, cfg.steps):
             rec.begin_step(step)
             samples, timing = stream.batch(step)
+            if groups.tp_rank == 0:  # the replica's record of what it trained (audited later)
+                ledger.write(json.dumps({"step": step, "generation": session.generation,
+                    "node": session.env.node, "replica": replica,
+                    "ids": [s.id for s in samples]}) + "\n")  # fmt: skip
+                ledger.flush()
             rec.record_section("data_wait", timing.stall_s)
             rec.record_section("batch_sync", timing.sync_s)
             t0 = time.perf_counter()
@@ -216,9 +221,7 @@ def main() -> None:
             # Compute time for an equal share of the batch, so that a replica that happened
             # to receive fewer samples does not look fast (or slow) to the detector.
             if samples:
-                rec.record_section(
-                    "compute", (time.perf_counter() - t0) * nominal / len(samples)
-                )
+                rec.record_section("compute", (time.perf_counter() - t0) * nominal / len(samples))
             with rec.collective("grad_allreduce"):
                 total = reduce_gradients(model, groups, local)
             clip_gradients(model, groups, cfg.grad_clip)
@@ -248,6 +251,7 @@ def main() -> None:
         torch.save(full, tmp)
         tmp.replace(session.env.run_dir / FULL_MODEL)
     session.done(last)
+    ledger.close()
     consumer.close()
     registry.close()
     dist.barrier()
@@ -259,11 +263,6 @@ def _committed(session: ElasticSession, stream: StepStream, cfg: JobConfig, step
     acked = stream.commit((step + 1) * cfg.global_batch)
     if session.rank == 0:
         session.events.emit("checkpoint", step=step, acknowledged=acked, durable=True)
-
-
-def config_crc(cfg: JobConfig) -> int:
-    """A short fingerprint of the job config (logged; two runs to compare must match)."""
-    return zlib.crc32(cfg.to_json().encode())
 
 
 if __name__ == "__main__":

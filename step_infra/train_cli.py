@@ -1,0 +1,73 @@
+"""``step-infra train``: run (or resume) a streaming, fault-tolerant training job.
+
+Imports only typer and rich at module level; the job's machinery loads when the command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def train(
+    recipe: str = typer.Option("tiny-t2v", help="Training recipe: tiny-t2v or micro-t2v."),
+    plan: Annotated[
+        Path | None,
+        typer.Option(help="Strategy TOML from `step-infra plan` (layout, batch, encoder split)."),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/<recipe>).")
+    ] = None,
+    fresh: bool = typer.Option(
+        False, help="Delete the run directory first instead of resuming from its checkpoint."
+    ),
+    steps: int | None = typer.Option(None, help="Override the recipe's number of steps."),
+    faults: bool = typer.Option(
+        True, help="Inject the recipe's faults (a slowed node, a kill -9) to show recovery."
+    ),
+    auto_split: bool = typer.Option(
+        True,
+        help="Size the encoder servers from the emulator's predicted step time "
+        "(ignored when --plan gives an \\[allocation] table).",
+    ),
+    timeout_s: float = typer.Option(900.0, help="Give up on the job after this long."),
+) -> None:
+    """Start the registry, encoder servers and elastic DiT trainers; write report.html."""
+    from step_infra.train.job.config import Faults, get_recipe
+    from step_infra.train.job.launcher import apply_plan, run_training_job
+
+    console = Console()
+    try:
+        cfg = get_recipe(recipe)
+        if steps is not None:
+            cfg = cfg.replace(steps=steps)
+        if not faults:
+            cfg = cfg.replace(faults=Faults())
+        has_allocation = False
+        if plan is not None:
+            if not plan.exists():
+                raise ValueError(
+                    f"plan file {plan} does not exist (write one with step-infra plan)"
+                )
+            cfg = apply_plan(cfg, plan)
+            has_allocation = "[allocation]" in plan.read_text()
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    out = run_dir or Path("runs") / cfg.name
+    result = run_training_job(
+        cfg,
+        out,
+        console=console,
+        fresh=fresh,
+        job_timeout_s=timeout_s,
+        auto_split=auto_split and not has_allocation,
+    )
+    if result.report is not None:
+        console.print(f"report: [bold]{result.report}[/]; live view: step-infra dashboard {out}")
+    if not result.ok:
+        console.print(f"resume with the same command (it continues from {out}/checkpoints)")
+        raise typer.Exit(1)
