@@ -15,7 +15,12 @@ Why this shape:
   windows, so one noisy window never evicts anyone;
 * minimum effect size: a statistically clear but tiny slowdown (1 %) is not worth a restart;
 * node attribution: when (nearly) all ranks of one host are flagged, the detection names the
-  node, because the cause (thermal, NIC, host CPU) and the unit of eviction are the node.
+  node, because the cause (thermal, NIC, host CPU) and the unit of eviction are the node;
+* two members (e.g. a 2-node job compared node by node): a peer median of two cannot say which
+  one is slow, so each member is first measured against *its own* baseline (the median of its
+  first ``baseline_windows`` windows after warm-up), and the member whose slowdown exceeds the
+  least-slowed member's by the thresholds is blamed. A slowdown shared by all members (a data
+  stall, a slow file system) is not anyone's fault and blames nobody.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class DetectorConfig:
     node_fraction: float = 0.75  # fraction of a node's ranks slow to blame the node
     mad_floor: float = 0.005  # spread (of log values) never taken below this
     min_members: int = 3
+    baseline_windows: int = 5  # two-member mode: windows that fix each member's own baseline
 
     def __post_init__(self) -> None:
         if not 1 <= self.persist_k <= self.persist_n:
@@ -92,6 +98,7 @@ class StragglerDetector:
         self._trace: dict[Hashable, deque[dict[str, float]]] = {}
         self._reported: set[str] = set()
         self._sigmas: deque[float] = deque(maxlen=4 * self.config.persist_n)
+        self._baseline: dict[Hashable, list[float]] = {}
 
     def set_node(self, member: Hashable, node: str) -> None:
         self._nodes[member] = node
@@ -100,17 +107,20 @@ class StragglerDetector:
         """Score one window; return detections that became persistent in this window."""
         cfg = self.config
         self._seen += 1
-        if self._seen <= cfg.warmup_windows or len(values) < cfg.min_members:
+        pair = 2 <= len(values) < cfg.min_members
+        if self._seen <= cfg.warmup_windows or (len(values) < cfg.min_members and not pair):
             return []
         members = list(values)
         for m in members:
             self._values.setdefault(m, deque(maxlen=cfg.smooth_windows)).append(float(values[m]))
         ready = [m for m in members if len(self._values[m]) == cfg.smooth_windows]
-        if len(ready) < cfg.min_members:
+        if len(ready) < (2 if pair else cfg.min_members):
             return []
         # Log space: multiplicative jitter becomes additive and symmetric.
         smoothed = np.array([np.mean(self._values[m]) for m in ready])
         logs = np.log(np.maximum(smoothed, 1e-12))
+        if pair:
+            return self._observe_pair(window, ready, logs, smoothed)
         median = float(np.median(logs))
         mad = float(np.median(np.abs(logs - median))) * MAD_TO_SIGMA
         # Pool the spread over recent windows: 64 peers give a noisy MAD on their own.
@@ -137,6 +147,45 @@ class StragglerDetector:
         peers = {"median": float(np.exp(median)), "sigma": sigma, "members": len(ready)}
         return self._attribute(window, newly, ready, scores, effects, peers)
 
+    def _observe_pair(
+        self, window: int, ready: list[Hashable], logs: np.ndarray, smoothed: np.ndarray
+    ) -> list[Detection]:
+        """Two-member mode (see the module doc): own-baseline slowdowns, compared."""
+        cfg = self.config
+        for m in ready:
+            self._baseline.setdefault(m, [])
+        if any(len(self._baseline[m]) < cfg.baseline_windows for m in ready):
+            for m, v in zip(ready, logs, strict=True):
+                if len(self._baseline[m]) < cfg.baseline_windows:
+                    self._baseline[m].append(float(v))
+            return []
+        base = np.array([np.median(self._baseline[m]) for m in ready])
+        spread = np.array(
+            [np.median(np.abs(np.array(self._baseline[m]) - b)) for m, b in zip(ready, base, strict=True)]
+        ) * MAD_TO_SIGMA  # fmt: skip
+        sigma = max(float(np.max(spread)), cfg.mad_floor, 1e-12)
+        rise = logs - base  # each member's own slowdown (log ratio)
+        rel = rise - float(np.min(rise))  # beyond the least-slowed member's
+        scores, effects = rel / sigma, np.exp(rel) - 1.0
+        newly: list[Hashable] = []
+        for m, z, eff, val in zip(ready, scores, effects, smoothed, strict=True):
+            flagged = bool(z >= cfg.threshold and eff >= cfg.min_effect)
+            flags = self._flags.setdefault(m, deque(maxlen=cfg.persist_n))
+            flags.append(flagged)
+            self._trace.setdefault(m, deque(maxlen=cfg.persist_n)).append(
+                {"window": window, "value": round(float(val), 6), "score": round(float(z), 3),
+                 "effect": round(float(eff), 4), "flagged": flagged}
+            )  # fmt: skip
+            if sum(flags) >= cfg.persist_k:
+                newly.append(m)
+        peers = {
+            "median": float(np.exp(np.min(logs))),
+            "sigma": sigma,
+            "members": len(ready),
+            "mode": "own baseline (two members)",
+        }
+        return self._attribute(window, newly, ready, scores, effects, peers)
+
     def _attribute(
         self,
         window: int,
@@ -144,7 +193,7 @@ class StragglerDetector:
         ready: list[Hashable],
         scores: np.ndarray,
         effects: np.ndarray,
-        peers: dict[str, float],
+        peers: dict[str, Any],
     ) -> list[Detection]:
         index = {m: i for i, m in enumerate(ready)}
         by_node: dict[str, list[Hashable]] = {}
@@ -204,12 +253,13 @@ class StragglerDetector:
     def _node(self, member: Hashable) -> str:
         return self._nodes.get(member, str(member))
 
-    def _evidence(self, members: list[Hashable], peers: dict[str, float]) -> dict[str, Any]:
+    def _evidence(self, members: list[Hashable], peers: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
         return {
             "peer_median": round(peers["median"], 6),
             "peer_sigma": round(peers["sigma"], 6),
             "peers": int(peers["members"]),
+            "mode": peers.get("mode", "peer median"),
             "rule": (
                 f"z >= {cfg.threshold} and effect >= {cfg.min_effect:.0%} in "
                 f"{cfg.persist_k} of {cfg.persist_n} windows (smoothed over "

@@ -115,3 +115,29 @@ def test_events_log_is_one_json_object_per_line(tmp_path: Path) -> None:
     assert [e["event"] for e in events] == ["detection", "restart"]
     assert events[0]["evidence"]["score"] == 7.5 and events[1]["source"] == "rank0"
     assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 2
+
+
+def _pair_run(slow: dict[str, float], onset: int = 20, steps: int = 60) -> list:
+    cfg = DetectorConfig(warmup_windows=3, smooth_windows=3, threshold=4.0, mad_floor=0.02)
+    det = StragglerDetector(cfg)
+    rng = np.random.default_rng(1)
+    found = []
+    for step in range(steps):
+        values = {
+            node: 0.1 * (slow.get(node, 1.0) if step >= onset else 1.0) * rng.lognormal(0, 0.02)
+            for node in ("node0", "node1")
+        }
+        found += det.observe(step, values)
+    return found
+
+
+def test_two_nodes_are_judged_against_their_own_baseline() -> None:
+    found = _pair_run({"node1": 1.3})
+    assert [d.target for d in found] == ["node1"]
+    assert found[0].evidence["mode"].startswith("own baseline")
+    assert 20 <= found[0].window <= 30
+
+
+def test_two_nodes_slowed_together_blame_nobody() -> None:
+    assert _pair_run({"node0": 1.3, "node1": 1.3}) == []
+    assert _pair_run({}) == []
