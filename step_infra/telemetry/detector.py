@@ -17,10 +17,10 @@ Why this shape:
 * node attribution: when (nearly) all ranks of one host are flagged, the detection names the
   node, because the cause (thermal, NIC, host CPU) and the unit of eviction are the node;
 * two members (e.g. a 2-node job compared node by node): a peer median of two cannot say which
-  one is slow, so each member is first measured against *its own* baseline (the median of its
-  first ``baseline_windows`` windows after warm-up), and the member whose slowdown exceeds the
-  least-slowed member's by the thresholds is blamed. A slowdown shared by all members (a data
-  stall, a slow file system) is not anyone's fault and blames nobody.
+  one is slow, so each member's time relative to the other's is compared with what that ratio
+  was over its first ``baseline_windows`` windows after warm-up; the member whose ratio grew
+  by the thresholds is blamed. Load shared by both (a data stall, a busy host) cancels out and
+  blames nobody.
 """
 
 from __future__ import annotations
@@ -152,20 +152,22 @@ class StragglerDetector:
     ) -> list[Detection]:
         """Two-member mode (see the module doc): own-baseline slowdowns, compared."""
         cfg = self.config
+        # Each member against the others (load shared by all hosts cancels out), relative to
+        # what that difference was during the baseline windows.
+        diff = np.array([logs[i] - np.mean(np.delete(logs, i)) for i in range(len(ready))])
         for m in ready:
             self._baseline.setdefault(m, [])
         if any(len(self._baseline[m]) < cfg.baseline_windows for m in ready):
-            for m, v in zip(ready, logs, strict=True):
+            for m, d in zip(ready, diff, strict=True):
                 if len(self._baseline[m]) < cfg.baseline_windows:
-                    self._baseline[m].append(float(v))
+                    self._baseline[m].append(float(d))
             return []
         base = np.array([np.median(self._baseline[m]) for m in ready])
         spread = np.array(
             [np.median(np.abs(np.array(self._baseline[m]) - b)) for m, b in zip(ready, base, strict=True)]
         ) * MAD_TO_SIGMA  # fmt: skip
         sigma = max(float(np.max(spread)), cfg.mad_floor, 1e-12)
-        rise = logs - base  # each member's own slowdown (log ratio)
-        rel = rise - float(np.min(rise))  # beyond the least-slowed member's
+        rel = diff - base  # slowdown vs the others, beyond the baseline difference
         scores, effects = rel / sigma, np.exp(rel) - 1.0
         newly: list[Hashable] = []
         for m, z, eff, val in zip(ready, scores, effects, smoothed, strict=True):
@@ -182,7 +184,7 @@ class StragglerDetector:
             "median": float(np.exp(np.min(logs))),
             "sigma": sigma,
             "members": len(ready),
-            "mode": "own baseline (two members)",
+            "mode": "own baseline (two members)",  # vs the other, then vs baseline
         }
         return self._attribute(window, newly, ready, scores, effects, peers)
 

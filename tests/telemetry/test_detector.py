@@ -123,10 +123,12 @@ def _pair_run(slow: dict[str, float], onset: int = 20, steps: int = 60) -> list:
     rng = np.random.default_rng(1)
     found = []
     for step in range(steps):
+        shared = rng.lognormal(0, 0.15)  # a busy host slows both nodes alike: not a straggler
         values = {
-            node: 0.1 * (slow.get(node, 1.0) if step >= onset else 1.0) * rng.lognormal(0, 0.02)
+            node: 0.1 * shared * (slow.get(node, 1.0) if step >= onset else 1.0)
+            * rng.lognormal(0, 0.02)
             for node in ("node0", "node1")
-        }
+        }  # fmt: skip
         found += det.observe(step, values)
     return found
 
