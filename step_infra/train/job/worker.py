@@ -211,17 +211,18 @@ def main() -> None:
                 ledger.flush()
             rec.record_section("data_wait", timing.stall_s)
             rec.record_section("batch_sync", timing.sync_s)
-            t0 = time.perf_counter()
+            # "compute" is this rank's CPU time for its share: what CUDA events measure on a
+            # GPU (time the device worked), not time spent waiting for a core that the other
+            # processes of this shared host hold; wall-clock compute here varies +-40 %.
+            cpu0 = time.thread_time()
             optimizer.zero_grad(set_to_none=False)
             local = _forward_backward(model, cfg, samples)
-            busy = time.perf_counter() - t0
+            busy = time.thread_time() - cpu0
             slow = session.env.slowdown(step)
-            if slow > 1.0:  # fault injection: this node computes `slow` times slower
+            if slow > 1.0:  # fault injection: this node's device is `slow` times slower
                 time.sleep(busy * (slow - 1.0))
-            # Compute time for an equal share of the batch, so that a replica that happened
-            # to receive fewer samples does not look fast (or slow) to the detector.
-            if samples:
-                rec.record_section("compute", (time.perf_counter() - t0) * nominal / len(samples))
+            if samples:  # normalized to an equal share (replicas get uneven sample counts)
+                rec.record_section("compute", busy * slow * nominal / len(samples))
             with rec.collective("grad_allreduce"):
                 total = reduce_gradients(model, groups, local)
             clip_gradients(model, groups, cfg.grad_clip)
