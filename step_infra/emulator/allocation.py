@@ -205,21 +205,90 @@ def allocate_gpus(
             "add GPUs or use faster encoders"
         )
     best = ok.loc[ok["training_samples_per_s"].idxmax()]
-    vae, text, spare = int(best["vae_gpus"]), int(best["text_gpus"]), int(best["spare_gpus"])
-    rv, rt = vae_samples_per_s_per_gpu, text_samples_per_s_per_gpu
-    for _ in range(spare // encoder_unit):
+    return _with_spare_to_encoders(
+        total_gpus,
+        int(best["trainer_gpus"]),
+        float(best["trainer_samples_per_s"]),
+        int(best["vae_gpus"]),
+        int(best["text_gpus"]),
+        vae_samples_per_s_per_gpu,
+        text_samples_per_s_per_gpu,
+        encoder_unit,
+    )
+
+
+def _with_spare_to_encoders(
+    total: int,
+    trainers: int,
+    demand: float,
+    vae: int,
+    text: int,
+    rv: float,
+    rt: float,
+    encoder_unit: int,
+) -> Allocation:
+    """The split, with GPUs left over given to the encoders (to the pipeline with less
+    headroom, in ``encoder_unit`` steps) as margin against encoder jitter."""
+    for _ in range((total - trainers - vae - text) // encoder_unit):
         if vae * rv <= text * rt:
             vae += encoder_unit
         else:
             text += encoder_unit
     return Allocation(
-        total_gpus=total_gpus,
-        trainer_gpus=int(best["trainer_gpus"]),
+        total_gpus=total,
+        trainer_gpus=trainers,
         vae_gpus=vae,
         text_gpus=text,
-        trainer_samples_per_s=float(best["trainer_samples_per_s"]),
+        trainer_samples_per_s=demand,
         vae_samples_per_s=vae * rv,
         text_samples_per_s=text * rt,
+    )
+
+
+def split_for_trainers(
+    total_gpus: int,
+    trainer_gpus: int,
+    *,
+    trainer_samples_per_s: float,
+    vae_samples_per_s_per_gpu: float,
+    text_samples_per_s_per_gpu: float,
+    encoder_unit: int = 1,
+) -> Allocation:
+    """The split for a fixed trainer size whose total consumption (samples/s of all
+    ``trainer_gpus`` together, e.g. from ``estimate`` of the layout searched on them) is known:
+    the fewest encoder GPUs that keep up, plus the leftover. Raises ``ValueError`` if the
+    encoders that feed them do not fit in the rest of the budget."""
+    if not 0 < trainer_gpus < total_gpus:
+        raise ValueError(
+            f"trainer_gpus must leave room for encoders: 0 < {trainer_gpus} < {total_gpus}"
+        )
+    if min(trainer_samples_per_s, vae_samples_per_s_per_gpu, text_samples_per_s_per_gpu) <= 0:
+        raise ValueError(
+            "rates must be > 0 samples/s, got trainers "
+            f"{trainer_samples_per_s}, vae {vae_samples_per_s_per_gpu}/GPU, "
+            f"text {text_samples_per_s_per_gpu}/GPU"
+        )
+
+    def need(rate: float) -> int:
+        units = math.ceil(trainer_samples_per_s / rate / encoder_unit - 1e-12)
+        return max(1, units) * encoder_unit
+
+    vae, text = need(vae_samples_per_s_per_gpu), need(text_samples_per_s_per_gpu)
+    if trainer_gpus + vae + text > total_gpus:
+        raise ValueError(
+            f"{trainer_gpus} trainer GPUs consume {trainer_samples_per_s:.3g} samples/s: they "
+            f"need {vae} VAE + {text} text-encoder GPUs, more than the {total_gpus - trainer_gpus} "
+            "left; use fewer trainers or faster encoders"
+        )
+    return _with_spare_to_encoders(
+        total_gpus,
+        trainer_gpus,
+        trainer_samples_per_s,
+        vae,
+        text,
+        vae_samples_per_s_per_gpu,
+        text_samples_per_s_per_gpu,
+        encoder_unit,
     )
 
 

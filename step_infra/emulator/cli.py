@@ -31,7 +31,7 @@ def print_plan(plan: object, console: Console, *, top: int = 10, explain: bool =
     from step_infra.emulator.planner import Plan
 
     assert isinstance(plan, Plan)
-    m, cl, ch = plan.model, plan.cluster, plan.chosen
+    m, cl, ch = plan.model, plan.trainer_cluster, plan.chosen
     table = Table(
         title=f"{m.name}: top layouts of {len(plan.table)} that fit, "
         f"{cl.num_gpus} x {cl.gpu.name} (searched in {plan.search_s:.2f} s)"
@@ -100,7 +100,7 @@ def print_plan(plan: object, console: Console, *, top: int = 10, explain: bool =
             f"{a.spare_gpus} spare: {a.training_samples_per_s:.2f} samples/s, encoders at "
             f"{1 + a.headroom:.2f}x the trainers' demand ({'stalls' if a.stalls else 'no data stall'})"
         )
-    elif plan.allocation_note:
+    if plan.allocation_note:
         console.print(f"[yellow]{plan.allocation_note}[/]")
     if explain:
         console.print(

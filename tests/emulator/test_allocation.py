@@ -1,16 +1,22 @@
-"""Encoder/trainer GPU split: hand-computed cases."""
+"""Encoder/trainer GPU split: hand-computed cases; plans whose layout fills the trainer GPUs."""
 
 from __future__ import annotations
+
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from step_infra.emulator import cluster_for, get_model
 from step_infra.emulator.allocation import (
     allocate_gpus,
     allocation_table,
     encoder_samples_per_s_per_gpu,
     min_encoder_gpus,
+    split_for_trainers,
 )
+from step_infra.emulator.planner import make_plan, write_plan
 
 
 def test_linear_trainers_largest_fed_size() -> None:
@@ -90,3 +96,60 @@ def test_rate_helpers() -> None:
     )
     assert min_encoder_gpus(10.0, 2.5) == 4
     assert min_encoder_gpus(10.1, 2.5) == 5
+
+
+@pytest.mark.parametrize(
+    ("model", "gpus", "global_batch", "vae_rate", "text_rate"),
+    [
+        ("stepvideo-t2v-30b", 2048, 256, 0.5, 50.0),
+        ("stepvideo-t2v-30b", 2048, 256, 0.02, 50.0),
+        ("stepvideo-t2v-30b", 512, 960, 0.5, 50.0),
+        ("tiny-dit", 8, 12, 1e5, 1e5),  # one node: trainers take part of it
+    ],
+)
+def test_plan_layout_fills_exactly_the_trainer_gpus(
+    tmp_path: Path, model: str, gpus: int, global_batch: int, vae_rate: float, text_rate: float
+) -> None:
+    """The layout is searched on the GPUs the encoder split leaves: tp*pp*cp*dp in the plan
+    TOML is the [allocation] trainer count, and the encoders keep up with that layout."""
+    plan = make_plan(
+        get_model(model),
+        cluster_for("h100-sxm", gpus),
+        global_batch=global_batch,
+        vae_rate=vae_rate,
+        text_rate=text_rate,
+    )
+    a = plan.allocation
+    assert a is not None, plan.allocation_note
+    s = plan.chosen.strategy
+    assert s.dp is not None and s.tp * s.pp * s.cp * s.dp == a.trainer_gpus
+    assert plan.trainer_cluster.num_gpus == a.trainer_gpus
+    assert a.trainer_gpus + a.vae_gpus + a.text_gpus == gpus and not a.stalls
+    assert a.trainer_samples_per_s == pytest.approx(plan.chosen.samples_per_s)
+    if gpus > 8:
+        assert a.trainer_gpus % 8 == 0  # trainers on whole nodes
+    toml = tomllib.loads(write_plan(plan, tmp_path / "plan.toml").read_text())
+    st, alloc = toml["strategy"], toml["allocation"]
+    assert st["tp"] * st["pp"] * st["cp"] * st["dp"] == alloc["trainer_gpus"]
+    assert alloc["trainer_gpus"] + alloc["vae_gpus"] + alloc["text_gpus"] == gpus
+
+
+def test_split_for_trainers_sizes_encoders_and_names_shortfall() -> None:
+    a = split_for_trainers(
+        100,
+        80,
+        trainer_samples_per_s=40.0,
+        vae_samples_per_s_per_gpu=4,
+        text_samples_per_s_per_gpu=40,
+    )
+    # 10 VAE + 1 text feed 40 samples/s; the 9 left over go to the encoders
+    assert (a.trainer_gpus, a.vae_gpus + a.text_gpus, a.spare_gpus) == (80, 20, 0)
+    assert not a.stalls
+    with pytest.raises(ValueError, match="need 20 VAE \\+ 1 text-encoder GPUs, more than the 10"):
+        split_for_trainers(
+            100,
+            90,
+            trainer_samples_per_s=80.0,
+            vae_samples_per_s_per_gpu=4,
+            text_samples_per_s_per_gpu=80,
+        )
