@@ -2,7 +2,8 @@
 
 ``estimate(model, cluster, strategy)`` prices one layout with a breakdown; ``search`` prices
 every valid layout at once (vectorized) and ranks them; ``allocate`` splits GPUs between
-encoder servers and trainers. Efficiencies are fitted on the published runs in
+encoder servers and trainers; ``predict_step`` prices a local job on a profile measured by
+``step-infra calibrate``. Efficiencies are fitted on the published runs in
 shared/calibration (``calibration.fit``; ``benchmarks/emulator_validation.py`` reports the fit).
 """
 
@@ -11,6 +12,7 @@ from step_infra.emulator.allocation import Allocation, allocate_gpus
 from step_infra.emulator.counts import parameter_count, training_flops_per_sample
 from step_infra.emulator.estimate import Estimate, estimate
 from step_infra.emulator.plan_io import load_plan, save_plan
+from step_infra.emulator.predict import predict_step
 from step_infra.emulator.presets import cluster_for, get_gpu, get_model
 from step_infra.emulator.search import pareto, row_strategy, search
 from step_infra.emulator.specs import ClusterSpec, GPUSpec, ModelSpec
@@ -31,6 +33,7 @@ __all__ = [
     "load_plan",
     "parameter_count",
     "pareto",
+    "predict_step",
     "presets",
     "row_strategy",
     "save_plan",

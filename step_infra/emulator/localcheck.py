@@ -250,21 +250,18 @@ def measure_layout(tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24)
 
 
 def predict_layout(profile_path: str | Path, tp: int, dp: int, cfg: CheckConfig) -> dict[str, Any]:
-    """``estimate`` of the same step on the measured profile: world ``tp x dp`` on one node."""
-    from step_infra.emulator import Strategy, estimate, get_model
-    from step_infra.emulator.specs import ClusterSpec
+    """``predict_step`` of the same step on the measured profile: ``tp x dp`` ranks, one node."""
+    from step_infra.emulator import predict_step
 
-    world = tp * dp
-    base = ClusterSpec.from_profile(profile_path, nodes=1)
-    cluster = dataclasses.replace(base, gpus_per_node=world)
-    model = dataclasses.replace(get_model("tiny-dit"), seq_len=cfg.seq_len)
-    strategy = Strategy(
+    est = predict_step(
+        "tiny-dit",
+        profile_path,
         tp=tp,
+        dp=dp,
         micro_batch=cfg.batch,
         global_batch=cfg.batch * dp,
-        distributed_optimizer=False,
+        seq_len=cfg.seq_len,
     )
-    est = estimate(model, cluster, strategy)
     return {"step_time_s": est.step_time_s, "breakdown": est.breakdown}
 
 
