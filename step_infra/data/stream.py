@@ -109,6 +109,7 @@ class StepStream:
         ids = range(first, first + self.global_batch)
         timing = StepTiming()
         started = time.monotonic()
+        report_at = 10.0
         while True:
             self._drain()
             t0 = time.monotonic()
@@ -118,6 +119,16 @@ class StepStream:
             timing.rounds += 1
             if all(h for h in holders):
                 break
+            waited = time.monotonic() - started
+            if waited > report_at:  # say what is missing while waiting, every 10 s
+                report_at += 10.0
+                missing = [i for i, h in zip(ids, holders, strict=True) if not h]
+                held = sorted(self._buffer)
+                log.warning(
+                    "step %d: waiting %.0f s for samples %s; holding %d (%s..%s); consumer %s",
+                    step, waited, missing[:8], len(held), held[:1], held[-1:],
+                    getattr(self.consumer, "stats", None),
+                )  # fmt: skip
             if time.monotonic() - started > self.timeout_s:
                 missing = [i for i, h in zip(ids, holders, strict=True) if not h]
                 raise TimeoutError(

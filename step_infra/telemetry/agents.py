@@ -71,6 +71,8 @@ class Agent:
     log_file: IO[bytes]
     spare: bool
     evicted: bool = False
+    go_file: Path = Path()
+    active: bool = False  # a spare that was activated (non-spares are always active)
 
 
 def rendezvous_store(host: str = "127.0.0.1") -> Any:
@@ -85,21 +87,43 @@ def rendezvous_store(host: str = "127.0.0.1") -> Any:
 def start_agent(
     name: str, launch: AgentLaunch, *, env: Mapping[str, str], log_dir: Path, spare: bool
 ) -> Agent:
-    """Start the agent of node ``name``; its output goes to ``log_dir/<name>.log``."""
+    """Start the agent of node ``name``; its output goes to ``log_dir/<name>.log``.
+
+    A spare starts on standby (:mod:`step_infra.telemetry.standby`): torchrun loaded, outside
+    the rendezvous until :func:`activate_spare`."""
     full_env = dict(os.environ)
     full_env.update(env)
     full_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     full_env["PYTHONUNBUFFERED"] = "1"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = (log_dir / f"{name}.log").open("ab")
+    command = launch.command()
+    go = log_dir / f"{name}.go"
+    go.unlink(missing_ok=True)
+    if spare:  # python -m torch.distributed.run ARGS -> python -m ...standby --go F -- ARGS
+        command = [
+            command[0],
+            "-m",
+            "step_infra.telemetry.standby",
+            "--go",
+            str(go),
+            "--",
+            *command[3:],
+        ]
     proc = subprocess.Popen(
-        launch.command(),
+        command,
         env=full_env,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: stopping it stops its workers
     )
-    return Agent(name=name, proc=proc, log_file=log_file, spare=spare)
+    return Agent(name=name, proc=proc, log_file=log_file, spare=spare, go_file=go)
+
+
+def activate_spare(agent: Agent) -> None:
+    """Let a standby spare's agent join the rendezvous."""
+    agent.go_file.touch()
+    agent.active = True
 
 
 def stop_agent(agent: Agent, *, grace_s: float = 5.0) -> None:

@@ -11,11 +11,10 @@ spare takes the free place. Workers resume from the latest checkpoint and keep t
 batch by recomputing gradient accumulation. A spare that never got a place would crash when
 the job ends, so the controller stops spares itself.
 
-A worker that *crashes* (no eviction) makes every agent re-rendezvous with the spare still
-waiting: three agents for two places, and torchrun 2.13's dynamic rendezvous then keeps one of
-them on its wait list, so the others restart their workers over and over. The controller
-therefore *parks* waiting spares once the job has been silent for ``park_spares_after_s``
-(a restart in progress) and starts them again after the job resumed.
+Spares wait on *standby* (:mod:`~step_infra.telemetry.standby`: torchrun loaded, outside the
+rendezvous) and the controller activates one right after an eviction. Waiting inside the
+rendezvous would break crash recovery: a worker that crashes sends every agent back to the
+rendezvous with the spare there too, and torch 2.13 then restarts the workers over and over.
 
 The loop here watches (a) the telemetry store, feeding per-node compute times to the
 :class:`StragglerDetector`, (b) heartbeats, with a separate timeout for checkpoint phases so
@@ -36,6 +35,7 @@ from typing import Any
 from step_infra.telemetry.agents import (
     Agent,
     AgentLaunch,
+    activate_spare,
     rendezvous_store,
     start_agent,
     stop_agent,
@@ -88,7 +88,6 @@ class ElasticConfig:
     checkpoint_timeout_s: float = 300.0  # ... in a "save"/"load" phase
     startup_timeout_s: float = 180.0  # agents + first step
     job_timeout_s: float = 900.0
-    park_spares_after_s: float = 8.0  # silent this long without an eviction: park spares
     poll_interval_s: float = 0.5
     slow: str | None = None  # fault injection "node:from_step:factor" (tests, demos)
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -150,8 +149,6 @@ class ElasticController:
         self._restarts_without_progress = 0
         self._detected_at: float | None = None
         self._restarting_since: float | None = None  # eviction done, new generation not yet
-        self._parked: list[str] = []  # spares stopped while the job restarts after a crash
-        self._port = 0
         self.result = ElasticResult(ok=False, reason="not run")
 
     # --------------------------------------------------------------- agents
@@ -183,7 +180,6 @@ class ElasticController:
         t_start = time.monotonic()
         self._store = rendezvous_store()
         port = int(self._store.port)
-        self._port = port
         self.events.emit(
             "job_start",
             nodes=c.nodes,
@@ -261,11 +257,6 @@ class ElasticController:
                         world_size=ev["world_size"],
                         grad_accum=ev["grad_accum"],
                     )
-                if ev["event"] == "resumed" and self._parked:
-                    for name in self._parked:  # the job runs again: re-arm the spares
-                        self._start_agent(name, self._port, spare=True)
-                    self.events.emit("spares_rearmed", nodes=list(self._parked))
-                    self._parked = []
                 if (
                     ev["event"] == "resumed"
                     and self._detected_at is not None
@@ -309,36 +300,12 @@ class ElasticController:
                         effect=round(det.effect, 4),
                         evidence=det.evidence,
                     )
-                spares_left = sum(
-                    1
-                    for a in self.agents.values()
-                    if a.spare and a.name not in self._members and a.proc.poll() is None
-                )
+                spares_left = len(self._standby())
                 for decision in self.policy.decide(detections, spares_left=spares_left):
                     self._evict(decision.node, decision.reason, decision.detection.evidence)
                     evicted.append(decision.node)
             self.result.evicted = evicted
             time.sleep(c.poll_interval_s)
-
-    def _park_spares(self, silent: float) -> None:
-        """Stop the spares still waiting for a place (see the module doc: crash restarts)."""
-        waiting = [
-            a
-            for a in self.agents.values()
-            if a.spare and a.name not in self._members and a.proc.poll() is None
-        ]
-        if not waiting:
-            return
-        for agent in waiting:
-            stop_agent(agent)
-            self._parked.append(agent.name)
-        self.events.emit(
-            "spares_parked",
-            nodes=[a.name for a in waiting],
-            silent_s=round(silent, 1),
-            reason="the job is restarting without an eviction (a worker failed); a waiting "
-            "spare would keep the rendezvous from settling",
-        )
 
     def _evict(self, node: str, reason: str, evidence: dict[str, Any]) -> None:
         agent = self.agents.get(node)
@@ -351,6 +318,16 @@ class ElasticController:
         stop_agent(agent)
         self._members.pop(node, None)
         self._restarting_since = time.time()
+        standby = self._standby()
+        if standby:  # the freed place goes to a spare
+            activate_spare(standby[0])
+            self.events.emit("spare_activated", node=standby[0].name, replaces=node)
+
+    def _standby(self) -> list[Agent]:
+        """Spares still on standby (alive, not yet activated)."""
+        return [
+            a for a in self.agents.values() if a.spare and not a.active and a.proc.poll() is None
+        ]
 
     def _poll_events(self) -> list[dict[str, Any]]:
         events = read_events(self.run_dir)
@@ -442,8 +419,6 @@ class ElasticController:
         in_checkpoint = any(hb.get("phase") in ("save", "load") for hb in beats)
         limit = self.config.checkpoint_timeout_s if in_checkpoint else self.config.step_timeout_s
         silent = now - float(newest["t_unix_s"])
-        if not in_checkpoint and silent > self.config.park_spares_after_s:
-            self._park_spares(silent)
         if silent > limit:
             phase = "checkpoint" if in_checkpoint else "step"
             self.events.emit(

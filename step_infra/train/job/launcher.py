@@ -155,7 +155,16 @@ class _KillInjector(threading.Thread):
 class _EventPrinter(threading.Thread):
     """Prints the controller's and launcher's events while the job runs."""
 
-    SHOWN = ("detection", "eviction", "restart", "join", "recovered", "fault_injected", "hang")
+    SHOWN = (
+        "detection",
+        "eviction",
+        "spare_activated",
+        "restart",
+        "join",
+        "recovered",
+        "fault_injected",
+        "hang",
+    )
 
     def __init__(self, run_dir: Path, console: Console) -> None:
         super().__init__(daemon=True, name="event-printer")

@@ -23,8 +23,8 @@ from step_infra.telemetry.events import read_events
 from step_infra.train.job.config import JobConfig
 
 FAULT_EVENTS = (
-    "fault_injected", "detection", "eviction", "join", "spares_parked", "restart",
-    "recovered", "spares_rearmed", "hang", "job_failed", "interrupted",
+    "fault_injected", "detection", "eviction", "spare_activated", "join", "restart",
+    "recovered", "hang", "job_failed", "interrupted",
 )  # fmt: skip
 
 
