@@ -119,7 +119,9 @@ class StragglerDetector:
         # Log space: multiplicative jitter becomes additive and symmetric.
         smoothed = np.array([np.mean(self._values[m]) for m in ready])
         logs = np.log(np.maximum(smoothed, 1e-12))
-        if pair:
+        if pair:  # two members: no peer majority to outvote a one-window spike, so median
+            smoothed = np.array([np.median(self._values[m]) for m in ready])
+            logs = np.log(np.maximum(smoothed, 1e-12))
             return self._observe_pair(window, ready, logs, smoothed)
         median = float(np.median(logs))
         mad = float(np.median(np.abs(logs - median))) * MAD_TO_SIGMA

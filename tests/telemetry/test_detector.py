@@ -143,3 +143,13 @@ def test_two_nodes_are_judged_against_their_own_baseline() -> None:
 def test_two_nodes_slowed_together_blame_nobody() -> None:
     assert _pair_run({"node0": 1.3, "node1": 1.3}) == []
     assert _pair_run({}) == []
+
+
+def test_two_nodes_one_window_spike_is_not_a_straggler() -> None:
+    cfg = DetectorConfig(warmup_windows=3, smooth_windows=3, threshold=4.0, mad_floor=0.02)
+    det = StragglerDetector(cfg)
+    found = []
+    for step in range(40):
+        spike = 4.0 if step == 20 else 1.0  # one slow step (a GC pause, a page-fault storm)
+        found += det.observe(step, {"node0": 0.05 * spike, "node1": 0.05 * (1 + 0.01 * (step % 3))})
+    assert found == []
