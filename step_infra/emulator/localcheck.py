@@ -282,6 +282,24 @@ def _cpu_seconds() -> tuple[float, float]:
     return busy, own
 
 
+class _OtherLoad:
+    """Context manager: ``share`` is the fraction of the machine's CPU time that processes
+    other than this one and its children used inside the ``with`` block."""
+
+    share: float = 0.0
+
+    def __enter__(self) -> _OtherLoad:
+        self._busy, self._own = _cpu_seconds()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, own = _cpu_seconds()
+        wall = max(time.perf_counter() - self._t0, 1e-9)
+        other = max(0.0, (busy - self._busy) - (own - self._own))
+        self.share = min(1.0, other / (wall * (os.cpu_count() or 1)))
+
+
 def run_local_check(
     profiles: dict[int, str | Path] | Callable[[int], str | Path],
     cfg: CheckConfig | None = None,
@@ -298,8 +316,10 @@ def run_local_check(
     the step see the same background load.
 
     ``other_load`` is the share of the machine's CPU time that other processes used while the
-    layout was timed. On a shared machine a burst of someone else's work can take half of it;
-    such a measurement is not of this job. A layout timed with ``other_load`` above
+    layout was profiled or timed (the larger of the two windows). On a shared machine a burst
+    of someone else's work can take half of it; such a measurement is not of this job, and a
+    profile taken under a load the step did not see (or the reverse) predicts another machine.
+    A layout with ``other_load`` above
     ``max_other_load`` is profiled and timed again, up to ``attempts`` times in all; every
     attempt is kept in the row's ``attempts`` list, the row reports the last one, and
     ``contended`` says whether even that one was above the limit.
@@ -319,11 +339,11 @@ def run_local_check(
             raise ValueError(f"no hardware profile for {world} rank(s); have {sorted(profiles)}")
         tries: list[dict[str, Any]] = []
         while len(tries) < attempts and (not tries or tries[-1]["other_load"] > max_other_load):
-            profile = profiles(world) if callable(profiles) else profiles[world]
-            busy0, own0, t0 = *_cpu_seconds(), time.perf_counter()
-            measured = measure_layout(tp, dp, cfg, text_tokens=text_tokens)
-            busy1, own1, wall = *_cpu_seconds(), time.perf_counter() - t0
-            others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+            with _OtherLoad() as probe_load:
+                profile = profiles(world) if callable(profiles) else profiles[world]
+            with _OtherLoad() as step_load:
+                measured = measure_layout(tp, dp, cfg, text_tokens=text_tokens)
+            others = max(probe_load.share, step_load.share)
             pred = predict_layout(profile, tp, dp, cfg)
             used = json.loads(Path(profile).read_text())
             tries.append(
@@ -332,6 +352,8 @@ def run_local_check(
                     "predicted_step_s": pred["step_time_s"],
                     "error": pred["step_time_s"] / measured - 1.0,
                     "other_load": others,
+                    "other_load_probe": probe_load.share,
+                    "other_load_step": step_load.share,
                     "breakdown": pred["breakdown"],
                     "profile": {**used["gpu"], **used["cluster"]},
                 }
@@ -345,11 +367,7 @@ def run_local_check(
                 **last,
                 "contended": last["other_load"] > max_other_load,
                 "attempts": [
-                    {
-                        k: t[k]
-                        for k in ("measured_step_s", "predicted_step_s", "error", "other_load")
-                    }
-                    for t in tries
+                    {k: v for k, v in t.items() if k not in ("breakdown", "profile")} for t in tries
                 ],
             }
         )
