@@ -228,6 +228,7 @@ class Producer:
             pending = self._pending.get(seq)
             if pending is None:
                 continue
+            unreachable: list[_Member] = []
             for group, members in targets.items():
                 pending.waiting[group] = set()
                 for m in members:
@@ -236,9 +237,21 @@ class Producer:
                         self._sock.send_multipart([m.ident, *frames], copy=False)
                     except zmq.ZMQError as exc:
                         log.warning("pipe %s: member %r unreachable: %s", self.pipe, m.ident, exc)
+                        unreachable.append(m)
                         continue
                     m.credit -= 1
                     pending.waiting[group].add(m.ident)
+            if unreachable:
+                # A group none of whose members got the item has not received it: undo, and
+                # queue the item again (before dropping the dead members, whose drop would
+                # otherwise take the empty wait list for an acknowledgement).
+                for g in [g for g, w in pending.waiting.items() if not w]:
+                    del pending.waiting[g]
+                for m in unreachable:
+                    self._drop(m)
+                if not pending.waiting:
+                    self._resend.appendleft(seq)
+                    continue
             self.stats.items += 1
             self.stats.bytes += pending.nbytes
             self.stats.queue_depth = len(self._resend)

@@ -269,3 +269,30 @@ def test_manual_ack_keeps_items_until_acknowledged() -> None:
 def test_ack_mode_is_validated() -> None:
     with pytest.raises(ValueError, match="ack 'later'"):
         ConsumerConfig(ack="later")
+
+
+def test_item_sent_to_a_vanished_member_goes_to_a_live_group() -> None:
+    """A member that vanished without a goodbye (kill -9) is unreachable before its lease
+    expires: an item the producer could not hand to it must go elsewhere, not count as sent."""
+    tcp = ConsumerConfig(transport="tcp")
+    with Producer("p", config=ProducerConfig(lease_s=30.0)) as prod:
+        ghost = Consumer("p", [prod.address], group="ghost", config=tcp)
+        prod.wait_for_consumers(groups=1)
+        for sock in ghost._socks:  # the process died: its socket is gone, no "bye"
+            sock.close(linger=0)
+        time.sleep(0.3)
+        live = Consumer("p", [prod.address], group="live", config=tcp)
+        prod.wait_for_consumers(groups=2)
+        got: list[int] = []
+        deadline = time.monotonic() + 10
+        sent = 0
+        while len(got) < 6 and time.monotonic() < deadline:
+            if sent < 6:
+                prod.send({"x": torch.full((2,), float(sent))}, {"id": sent})
+                sent += 1
+            prod.poll(10)
+            item = live.get(timeout_s=0.05)
+            if item is not None:
+                got.append(int(item.metadata["id"]))
+        live.close()
+    assert sorted(got) == list(range(6))
