@@ -130,22 +130,7 @@ class StragglerDetector:
         sigma = max(float(np.median(self._sigmas)), cfg.mad_floor, 1e-12)
         scores = (logs - median) / sigma
         effects = np.exp(logs - median) - 1.0
-        newly: list[Hashable] = []
-        for m, z, eff, val in zip(ready, scores, effects, smoothed, strict=True):
-            flagged = bool(z >= cfg.threshold and eff >= cfg.min_effect)
-            flags = self._flags.setdefault(m, deque(maxlen=cfg.persist_n))
-            flags.append(flagged)
-            self._trace.setdefault(m, deque(maxlen=cfg.persist_n)).append(
-                {
-                    "window": window,
-                    "value": round(float(val), 6),
-                    "score": round(float(z), 3),
-                    "effect": round(float(eff), 4),
-                    "flagged": flagged,
-                }
-            )
-            if sum(flags) >= cfg.persist_k:
-                newly.append(m)
+        newly = self._persistent(window, ready, scores, effects, smoothed)
         peers = {"median": float(np.exp(median)), "sigma": sigma, "members": len(ready)}
         return self._attribute(window, newly, ready, scores, effects, peers)
 
@@ -171,17 +156,7 @@ class StragglerDetector:
         sigma = max(float(np.max(spread)), cfg.mad_floor, 1e-12)
         rel = diff - base  # slowdown vs the others, beyond the baseline difference
         scores, effects = rel / sigma, np.exp(rel) - 1.0
-        newly: list[Hashable] = []
-        for m, z, eff, val in zip(ready, scores, effects, smoothed, strict=True):
-            flagged = bool(z >= cfg.threshold and eff >= cfg.min_effect)
-            flags = self._flags.setdefault(m, deque(maxlen=cfg.persist_n))
-            flags.append(flagged)
-            self._trace.setdefault(m, deque(maxlen=cfg.persist_n)).append(
-                {"window": window, "value": round(float(val), 6), "score": round(float(z), 3),
-                 "effect": round(float(eff), 4), "flagged": flagged}
-            )  # fmt: skip
-            if sum(flags) >= cfg.persist_k:
-                newly.append(m)
+        newly = self._persistent(window, ready, scores, effects, smoothed)
         peers = {
             "median": float(np.exp(np.min(logs))),
             "sigma": sigma,
@@ -189,6 +164,34 @@ class StragglerDetector:
             "mode": "own baseline (two members)",  # vs the other, then vs baseline
         }
         return self._attribute(window, newly, ready, scores, effects, peers)
+
+    def _persistent(
+        self,
+        window: int,
+        ready: list[Hashable],
+        scores: np.ndarray,
+        effects: np.ndarray,
+        smoothed: np.ndarray,
+    ) -> list[Hashable]:
+        """Flag this window's members, keep their trace; return those now persistent."""
+        cfg = self.config
+        newly: list[Hashable] = []
+        for m, z, eff, val in zip(ready, scores, effects, smoothed, strict=True):
+            flagged = bool(z >= cfg.threshold and eff >= cfg.min_effect)
+            flags = self._flags.setdefault(m, deque(maxlen=cfg.persist_n))
+            flags.append(flagged)
+            self._trace.setdefault(m, deque(maxlen=cfg.persist_n)).append(
+                {
+                    "window": window,
+                    "value": round(float(val), 6),
+                    "score": round(float(z), 3),
+                    "effect": round(float(eff), 4),
+                    "flagged": flagged,
+                }
+            )
+            if sum(flags) >= cfg.persist_k:
+                newly.append(m)
+        return newly
 
     def _attribute(
         self,
