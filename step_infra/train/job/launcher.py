@@ -367,11 +367,11 @@ def _predict(cfg: JobConfig, run_dir: Path, console: Console, *, auto_split: boo
     import json
 
     from step_infra.train.job.config import encoder_split
-    from step_infra.train.job.prediction import predict_step
+    from step_infra.train.job.prediction import predict_job
 
     console.print("Step Emulator: measuring this machine and pricing the job's layout ...")
     try:
-        pred = predict_step(cfg, run_dir / "assets" / "hw_profile.json")
+        pred = predict_job(cfg, run_dir / "assets" / "hw_profile.json")
     except Exception as exc:  # the prediction informs; it never stops a training job
         log.warning("no emulator prediction: %s", exc)
         console.print(f"  [yellow]no prediction[/]: {exc}")
