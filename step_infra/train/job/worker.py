@@ -110,20 +110,22 @@ def _sharded(p: nn.Parameter, tp: int) -> bool:
 def reduce_gradients(model: nn.Module, groups: ParallelGroups, loss_sum: float) -> float:
     """Sum gradients (and the loss) over replicas in one flat all-reduce; returns the summed
     loss. Parameters whose gradient is partial per TP rank are summed over TP first."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
+    grads = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         if groups.tp_size > 1 and getattr(p, "tp_partial_grad", False):
             dist.all_reduce(p.grad, group=groups.tp)
-    flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([loss_sum])])
+        grads.append(p.grad)
+    flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum])])
     if groups.dp_size > 1:
         dist.all_reduce(flat, group=groups.dp)
     offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p))
-        offset += n
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
     return float(flat[-1])
 
 
