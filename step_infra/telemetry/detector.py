@@ -49,6 +49,9 @@ class DetectorConfig:
     mad_floor: float = 0.005  # spread (of log values) never taken below this
     min_members: int = 3
     baseline_windows: int = 5  # two-member mode: windows that fix each member's own baseline
+    # Two members have no majority to tell jitter from a straggler: ask for a larger effect
+    # (a +9 % blip on a shared 2-core host was seen; a slow node worth evicting is >= 15 %).
+    pair_min_effect: float = 0.15
 
     def __post_init__(self) -> None:
         if not 1 <= self.persist_k <= self.persist_n:
@@ -156,7 +159,9 @@ class StragglerDetector:
         sigma = max(float(np.max(spread)), cfg.mad_floor, 1e-12)
         rel = diff - base  # slowdown vs the others, beyond the baseline difference
         scores, effects = rel / sigma, np.exp(rel) - 1.0
-        newly = self._persistent(window, ready, scores, effects, smoothed)
+        newly = self._persistent(
+            window, ready, scores, effects, smoothed, max(cfg.min_effect, cfg.pair_min_effect)
+        )
         peers = {
             "median": float(np.exp(np.min(logs))),
             "sigma": sigma,
@@ -172,12 +177,14 @@ class StragglerDetector:
         scores: np.ndarray,
         effects: np.ndarray,
         smoothed: np.ndarray,
+        min_effect: float | None = None,
     ) -> list[Hashable]:
         """Flag this window's members, keep their trace; return those now persistent."""
         cfg = self.config
+        least = cfg.min_effect if min_effect is None else min_effect
         newly: list[Hashable] = []
         for m, z, eff, val in zip(ready, scores, effects, smoothed, strict=True):
-            flagged = bool(z >= cfg.threshold and eff >= cfg.min_effect)
+            flagged = bool(z >= cfg.threshold and eff >= least)
             flags = self._flags.setdefault(m, deque(maxlen=cfg.persist_n))
             flags.append(flagged)
             self._trace.setdefault(m, deque(maxlen=cfg.persist_n)).append(
@@ -262,13 +269,15 @@ class StragglerDetector:
 
     def _evidence(self, members: list[Hashable], peers: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
+        pair = "mode" in peers
+        least = max(cfg.min_effect, cfg.pair_min_effect) if pair else cfg.min_effect
         return {
             "peer_median": round(peers["median"], 6),
             "peer_sigma": round(peers["sigma"], 6),
             "peers": int(peers["members"]),
             "mode": peers.get("mode", "peer median"),
             "rule": (
-                f"z >= {cfg.threshold} and effect >= {cfg.min_effect:.0%} in "
+                f"z >= {cfg.threshold} and effect >= {least:.0%} in "
                 f"{cfg.persist_k} of {cfg.persist_n} windows (smoothed over "
                 f"{cfg.smooth_windows}, warm-up {cfg.warmup_windows})"
             ),

@@ -153,3 +153,7 @@ def test_two_nodes_one_window_spike_is_not_a_straggler() -> None:
         spike = 4.0 if step == 20 else 1.0  # one slow step (a GC pause, a page-fault storm)
         found += det.observe(step, {"node0": 0.05 * spike, "node1": 0.05 * (1 + 0.01 * (step % 3))})
     assert found == []
+
+
+def test_two_nodes_small_slowdown_is_below_the_pair_threshold() -> None:
+    assert _pair_run({"node1": 1.09}) == []  # no majority: small effects are not blamed
