@@ -80,7 +80,7 @@ def step_metrics(run_dir: Path, cfg: JobConfig) -> dict[str, Any]:
         return {}
     df = df.sort_values("attempt").drop_duplicates(["rank", "step", "kind", "name"], keep="last")
     steps = df[(df["kind"] == "step") & (df["name"] == "step")]
-    wait = df[(df["kind"] == "section") & (df["name"] == "data_wait")]
+    wait = df[(df["kind"] == "section") & (df["name"] == "data_wait_s")]
     per_step = steps.groupby("step")["value"].max()
     wait_step = wait.groupby("step")["value"].mean()
     first_of_attempt = set(steps.groupby("attempt")["step"].min())

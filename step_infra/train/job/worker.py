@@ -211,7 +211,7 @@ def main() -> None:
                     "node": session.env.node, "replica": replica,
                     "ids": [s.id for s in samples]}) + "\n")  # fmt: skip
                 ledger.flush()
-            rec.record_section("data_wait", timing.stall_s)
+            rec.record_section("data_wait_s", timing.stall_s)
             rec.record_section("batch_sync", timing.sync_s)
             # "compute" is this rank's CPU time for its share: what CUDA events measure on a
             # GPU (time the device worked), not time spent waiting for a core that the other
