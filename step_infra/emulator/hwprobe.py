@@ -62,6 +62,7 @@ class ProbeConfig:
     repeats: int = 5
     min_time_s: float = 0.05
     gloo: bool = True
+    gloo_reps: int = 100  # all-reduces per size: their mean is what a step's sum sees
     threads: int | None = None
     concurrent_ranks: int = 1
 
@@ -87,6 +88,7 @@ def quick_config(*, gloo: bool = True, threads: int | None = None) -> ProbeConfi
         repeats=3,
         min_time_s=0.03,
         gloo=gloo,
+        gloo_reps=40,
         threads=threads,
     )
 
@@ -286,10 +288,10 @@ for _ in range(50):
     t0 = time.perf_counter(); dist.all_reduce(small); hot.append(time.perf_counter() - t0)
 big = mb * 2**20
 sizes = {64 * 1024: in_context(64 * 1024, reps), 2**20: in_context(2**20, reps)}
-sizes[big] = in_context(big, max(3, reps // 8))
+sizes[big] = in_context(big, max(3, reps // 12))
 # Overlap: the big all-reduce launched asynchronously while this rank computes about as long.
 work, alone, both, comm = 60, [], [], []
-for _ in range(max(9, reps // 4)):
+for _ in range(max(9, reps // 5)):
     t = torch.ones(big // 4); dist.barrier()
     t0 = time.perf_counter(); burst(work); alone.append(time.perf_counter() - t0)
     dist.barrier(); t0 = time.perf_counter(); dist.all_reduce(t); comm.append(time.perf_counter() - t0)
@@ -379,25 +381,25 @@ def _free_port() -> int:
 
 
 def measure_gloo_allreduce(
-    cfg: ProbeConfig, *, timeout_s: float = 90.0, reps: int = 40
+    cfg: ProbeConfig, *, timeout_s: float = 90.0, reps: int | None = None
 ) -> dict[str, Any]:
     """Two gloo processes on this machine, timed the way a training step uses them.
 
     A step issues its collectives between bursts of compute and pays their sum, so each
     all-reduce here follows a fixed amount of matmul work (a rank that computes slower arrives
-    later, as in a job) and the *mean* over ``reps`` is kept: the rare slow wake-ups of a
+    later, as in a job) and the *mean* over ``reps`` (``cfg.gloo_reps``) is kept: the rare slow wake-ups of a
     shared, virtualized host are part of what a step pays, and a median hides them. Sizes
     64 KiB, 1 MiB and ``loopback_mb`` give the ring's per-hop latency and bus bandwidth
     (``t = 2 (n-1) lat + 2 (n-1)/n bytes / busbw``, least squares). Then the big all-reduce
     runs asynchronously beside a compute burst of about its length: the share of the compute
-    time it hid under (from the medians of 9 repeats of each) is ``overlap`` (near 0 on a CPU, whose cores do
-    both). Both processes are ours and are killed
-    by PID if they outlive ``timeout_s``."""
+    time it hid under (from the medians of ``reps / 5`` repeats of each, 9 at least) is
+    ``overlap`` (near 0 on a CPU, whose cores do both). Both processes are ours and are
+    killed by PID if they outlive ``timeout_s``."""
     import numpy as np
 
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(port), str(cfg.loopback_mb), str(reps)]
+    args = [str(port), str(cfg.loopback_mb), str(reps or cfg.gloo_reps)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _GLOO_WORKER, str(r), *args],
