@@ -33,6 +33,11 @@ def train(
         help="Size the encoder servers from the emulator's predicted step time "
         "(ignored when --plan gives an \\[allocation] table).",
     ),
+    registry: str | None = typer.Option(
+        None,
+        help="Join this running registry (host:port; token from STEP_TOKEN) instead of "
+        "starting one.",
+    ),
     timeout_s: float = typer.Option(900.0, help="Give up on the job after this long."),
 ) -> None:
     """Start the registry, encoder servers and elastic DiT trainers; write report.html."""
@@ -65,6 +70,7 @@ def train(
         fresh=fresh,
         job_timeout_s=timeout_s,
         auto_split=auto_split and not has_allocation,
+        registry=registry,
     )
     if result.report is not None:
         console.print(f"report: [bold]{result.report}[/]; live view: step-infra dashboard {out}")

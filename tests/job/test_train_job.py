@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from step_infra.rpc.registry import Registry, RegistryConfig
 from step_infra.train.job.config import Faults, micro_t2v
 from step_infra.train.job.launcher import run_training_job
 from step_infra.train.job.report import job_metrics
@@ -38,7 +39,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_killed_trainer_recovers_and_matches_uninterrupted_run(tmp_path: Path) -> None:
+def test_killed_trainer_recovers_and_matches_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     console = Console(width=120)
     cfg = micro_t2v()
     faulted = run_training_job(
@@ -59,9 +62,17 @@ def test_killed_trainer_recovers_and_matches_uninterrupted_run(tmp_path: Path) -
     clean_dir = tmp_path / "clean"
     (clean_dir / "assets").mkdir(parents=True)
     shutil.copy(tmp_path / "faulted" / "assets" / "vae.pt", clean_dir / "assets" / "vae.pt")
-    clean = run_training_job(
-        cfg.replace(faults=Faults()), clean_dir, console=console, predict=False, sample=False
-    )
+    # the twin joins a registry that is already running instead of starting its own
+    monkeypatch.setenv("STEP_TOKEN", "twin-token")
+    with Registry(RegistryConfig(host="127.0.0.1", port=0, token="twin-token")) as registry:
+        clean = run_training_job(
+            cfg.replace(faults=Faults()),
+            clean_dir,
+            console=console,
+            predict=False,
+            sample=False,
+            registry=registry.address,
+        )
     assert clean.ok, clean.reason
     reference = job_metrics(clean_dir)
     assert reference["audit"]["exactly_once"]

@@ -234,6 +234,7 @@ def run_training_job(
     report: bool = True,
     predict: bool = True,
     auto_split: bool = False,
+    registry: str | None = None,
 ) -> TrainResult:
     """Run (or resume) the job in ``run_dir``; blocks until it ends. See the module doc."""
     from step_infra.train.job.assets import prepare_vae, text_encoders
@@ -261,20 +262,22 @@ def run_training_job(
     start_id = 0 if durable is None else (durable_step(durable) + 1) * cfg.global_batch
     if start_id:
         console.print(f"resuming: checkpoint {durable.name if durable else ''}, sample {start_id}")
-    token = secrets.token_urlsafe(16)
-    registry_addr = f"127.0.0.1:{_free_port()}"
+    # join a running registry (its token from STEP_TOKEN), or start one with a fresh token
+    token = os.environ.get(TOKEN_ENV, "") if registry else secrets.token_urlsafe(16)
+    registry_addr = registry or f"127.0.0.1:{_free_port()}"
     children = _Children(run_dir / "logs", {TOKEN_ENV: token})
     events = EventLog(run_dir, source="launcher")
     result = TrainResult(ok=False, reason="not run", run_dir=run_dir, vae=vae)
     printer = _EventPrinter(run_dir, console)
     injector: _KillInjector | None = None
     try:
-        children.start(
-            "registry",
-            ["-c", "from step_infra.cli import app; app()", "registry",
-             "--port", registry_addr.rsplit(":", 1)[1], "--lease-s", str(cfg.lease_s * 4),
-             "--run-s", str(job_timeout_s + 600)],  # stops by itself if we are killed
-        )  # fmt: skip
+        if registry is None:
+            children.start(
+                "registry",
+                ["-c", "from step_infra.cli import app; app()", "registry",
+                 "--port", registry_addr.rsplit(":", 1)[1], "--lease-s", str(cfg.lease_s * 4),
+                 "--run-s", str(job_timeout_s + 600)],  # stops by itself if we are killed
+            )  # fmt: skip
         server_cfg = ServerConfig(
             run_dir=str(run_dir),
             registry=registry_addr,
