@@ -17,17 +17,19 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
+from step_infra.rpc.lanes import LaneReceiver
 from step_infra.rpc.security import client_options
 from step_infra.rpc.shm import ShmReader, select_endpoint
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import transport_for
-from step_infra.rpc.wire import Item, WireError, decode_item
+from step_infra.rpc.ucx import UcxReceiver, ucx_unavailable
+from step_infra.rpc.wire import Item, WireError, decode_header, decode_item, flat_size
 
 if TYPE_CHECKING:
     from step_infra.rpc.registry import RegistryClient
@@ -51,6 +53,10 @@ class ConsumerConfig:
     # members the group has (e.g. the TP ranks of one replica); producers hold the group's
     # items back until that many members said hello, so no member misses an item. 0: unknown.
     group_size: int = 0
+    # tcp links: ask the producer for this many parallel connections for large items' bytes
+    # (lanes.py); 0: everything through zmq. Ignored on shm and CURVE links.
+    lanes: int = 4
+    lane_timeout_s: float = 60.0  # a lane item whose bytes do not arrive by then is dropped
 
     def __post_init__(self) -> None:
         if self.ack not in ("take", "manual"):
@@ -59,6 +65,8 @@ class ConsumerConfig:
             raise ValueError(f"prefetch {self.prefetch}; expected >= 1")
         if self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s {self.heartbeat_s}; expected > 0")
+        if not 0 <= self.lanes <= 64:
+            raise ValueError(f"lanes {self.lanes}; expected 0 (off) to 64")
 
 
 class _Seen:
@@ -78,6 +86,17 @@ class _Seen:
             self.extra.remove(self.next)
             self.next += 1
         return True
+
+
+@dataclass(slots=True)
+class _LaneItem:
+    """An item whose header came over zmq and whose bytes come over lanes."""
+
+    header: bytes
+    seq: int
+    total: int
+    lanes: LaneReceiver | UcxReceiver | None  # the link's bulk channel when the header came
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class Consumer:
@@ -111,6 +130,10 @@ class Consumer:
         self._shm = ShmReader()
         self.transports: list[str] = []
         self._use_shm: dict[zmq.Socket[bytes], bool] = {}
+        self._lanes_wanted: dict[zmq.Socket[bytes], int] = {}
+        self._bulk: dict[zmq.Socket[bytes], LaneReceiver | UcxReceiver] = {}
+        self._ucx: set[zmq.Socket[bytes]] = set()  # links whose large items come over UCX
+        self._host_of: dict[zmq.Socket[bytes], str] = {}
         for address in addresses:
             target, use_shm = select_endpoint(address, self.config.transport)
             options = (
@@ -118,16 +141,22 @@ class Consumer:
                 if self.config.curve_server_key
                 else None
             )
+            if target.startswith("ucx://") and self.config.transport != "ucx" and ucx_unavailable():
+                target = "tcp://" + target.removeprefix("ucx://")  # no ucxx here: plain tcp
             sock = transport_for(target).connect(self._ctx, target, ident, options)
             self._socks.append(sock)
             self._use_shm[sock] = use_shm
             self.transports.append("shm" if use_shm else target.split("://", 1)[0])
             self._poller.register(sock, zmq.POLLIN)
-            hello = {"k": "hello", "group": group, "credit": self.config.prefetch, "shm": use_shm,
-                     "size": self.config.group_size}
-            self._control(sock, hello)
+            self._host_of[sock] = target.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+            if target.startswith("ucx://"):
+                self._ucx.add(sock)
+                self._bulk[sock] = UcxReceiver(self._host_of[sock])
+            tcp = target.startswith("tcp://") and not use_shm and options is None
+            self._lanes_wanted[sock] = self.config.lanes if tcp else 0
+            self._control(sock, self._hello(sock, self.config.prefetch))
         self._seen: dict[str, _Seen] = {p: _Seen(n) for p, n in (resume or {}).items()}
-        self._queue: deque[tuple[zmq.Socket[bytes], Item]] = deque()
+        self._queue: deque[tuple[zmq.Socket[bytes], Item | _LaneItem]] = deque()
         self._taken: tuple[zmq.Socket[bytes], Item] | None = None
         self._sock_of: dict[str, zmq.Socket[bytes]] = {}  # producer name -> its link
         self._last_hb = time.monotonic()
@@ -187,17 +216,30 @@ class Consumer:
         self._heartbeat()
         start = time.monotonic()
         deadline = None if timeout_s is None else start + timeout_s
-        while not self._queue:
-            wait_ms = int(self.config.heartbeat_s * 1000)
-            if deadline is not None:
-                wait_ms = max(0, min(wait_ms, int((deadline - time.monotonic()) * 1000)))
-            self._receive(wait_ms)
-            self._heartbeat()
-            if not self._queue and deadline is not None and time.monotonic() >= deadline:
-                self.stats.wait_s += time.monotonic() - start
-                return None
+        while True:
+            while not self._queue:
+                wait_ms = int(self.config.heartbeat_s * 1000)
+                if deadline is not None:
+                    wait_ms = max(0, min(wait_ms, int((deadline - time.monotonic()) * 1000)))
+                self._receive(wait_ms)
+                self._heartbeat()
+                if not self._queue and deadline is not None and time.monotonic() >= deadline:
+                    self.stats.wait_s += time.monotonic() - start
+                    return None
+            sock, entry = self._queue[0]
+            if isinstance(entry, Item):
+                item = entry
+            else:
+                got = self._take_lane_item(sock, entry, deadline)
+                if got is None:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self.stats.wait_s += time.monotonic() - start
+                        return None
+                    continue
+                item = got
+            break
         self.stats.wait_s += time.monotonic() - start
-        sock, item = self._queue.popleft()
+        self._queue.popleft()
         self._taken = (sock, item)
         self.stats.items += 1
         self.stats.bytes += item.nbytes
@@ -211,6 +253,8 @@ class Consumer:
             for sock in self._socks:
                 self._control(sock, {"k": "bye"})
         finally:
+            for bulk in self._bulk.values():
+                bulk.close()
             for sock in self._socks:
                 sock.close(linger=100)
             self._ctx.term()
@@ -239,6 +283,73 @@ class Consumer:
         acks = [item.seq] if self.config.ack == "take" else []
         self._control(sock, {"k": "credit", "n": 1, "acks": acks})
 
+    def _hello(self, sock: zmq.Socket[bytes], credit: int) -> dict[str, Any]:
+        hello = {
+            "k": "hello",
+            "group": self.group,
+            "credit": credit,
+            "shm": self._use_shm[sock],
+            "size": self.config.group_size,
+        }
+        if self._lanes_wanted[sock]:
+            hello["lanes"] = self._lanes_wanted[sock]
+        bulk = self._bulk.get(sock)
+        if isinstance(bulk, UcxReceiver):
+            hello["ucx"] = bulk.address
+        return hello
+
+    def _open_lanes(self, sock: zmq.Socket[bytes], offer: dict[str, Any]) -> None:
+        """The producer offered lanes: connect them (a failure leaves the link on zmq frames)."""
+        old = self._bulk.pop(sock, None)
+        if old is not None:
+            old.close()
+        try:
+            port, token, n = int(offer["port"]), bytes(offer["token"]), int(offer["n"])
+            self._bulk[sock] = LaneReceiver(self._host_of[sock], port, token, n)
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            log.warning("pipe %s: lanes offered but not connected (%s); using zmq", self.pipe, exc)
+
+    def _take_lane_item(
+        self, sock: zmq.Socket[bytes], entry: _LaneItem, deadline: float | None
+    ) -> Item | None:
+        """Wait (heartbeating) for a lane item's bytes; ``None``: not yet, or dropped."""
+        lanes = entry.lanes
+        give_up = entry.arrived + self.config.lane_timeout_s
+        while True:
+            step = self.config.heartbeat_s
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+            flat = None
+            if lanes is not None and step > 0:
+                flat = lanes.wait(entry.seq, entry.total, step)
+            self._heartbeat()
+            if flat is not None:
+                break
+            broken = lanes is None or lanes.broken is not None
+            if broken or time.monotonic() > give_up:
+                # not marked seen: the producer still holds the item and sends it again after
+                # a restart or to another group; this link's lanes are unusable
+                self._queue.popleft()
+                self.stats.malformed += 1
+                why = "no bulk channel" if lanes is None else lanes.broken or "timed out"
+                log.warning("pipe %s: lane item %d dropped (%s)", self.pipe, entry.seq, why)
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+        try:
+            item = decode_item([entry.header], flat=flat)
+        except WireError as exc:
+            self._queue.popleft()
+            self.stats.malformed += 1
+            log.warning("pipe %s: dropped malformed lane item: %s", self.pipe, exc)
+            return None
+        if not self._seen.setdefault(item.producer, _Seen()).add(item.seq):
+            self._queue.popleft()  # a duplicate queued twice; ack it again
+            self.stats.duplicates += 1
+            self._control(sock, {"k": "credit", "n": 1, "acks": [item.seq]})
+            return None
+        return item
+
     def _heartbeat(self) -> None:
         now = time.monotonic()
         if now - self._last_hb >= self.config.heartbeat_s:
@@ -249,20 +360,60 @@ class Consumer:
             self._registry.keep_alive()
 
     @staticmethod
-    def _is_who(frame: Any) -> bool:
+    def _control_msg(frame: Any) -> dict[str, Any] | None:
+        """A producer's control message (``who``, ``lanes``), else ``None``."""
         try:
             msg = msgpack.unpackb(bytes(frame.buffer), raw=False)
         except Exception:
-            return False
-        return isinstance(msg, dict) and msg.get("k") == "who"
+            return None
+        if isinstance(msg, dict) and msg.get("k") in ("who", "lanes"):
+            return msg
+        return None
 
     def _rehello(self, sock: zmq.Socket[bytes]) -> None:
         """The producer does not know us (it restarted): announce ourselves again."""
         held = sum(1 for s, _ in self._queue if s is sock)
         credit = max(self.config.prefetch - held, 0)
-        hello = {"k": "hello", "group": self.group, "credit": credit, "shm": self._use_shm[sock],
-                 "size": self.config.group_size}
-        self._control(sock, hello)
+        if sock in self._ucx:  # a new producer process: a fresh listener for its endpoint
+            old = self._bulk.pop(sock, None)
+            if old is not None:
+                old.close()
+            self._bulk[sock] = UcxReceiver(self._host_of[sock])
+        self._control(sock, self._hello(sock, credit))
+
+    def _lane_header(self, sock: zmq.Socket[bytes], frame: Any) -> bool:
+        """Queue an item whose bytes come over lanes; ``False`` if ``frame`` is not one."""
+        try:
+            header = decode_header(frame.buffer)
+            total = flat_size(header)
+            if total is None:
+                return False
+            producer, seq = str(header["prod"]), header["seq"]
+            if not isinstance(seq, int):
+                raise WireError(f"sequence number {seq!r}")
+        except (WireError, KeyError) as exc:
+            self.stats.malformed += 1
+            log.warning("pipe %s: dropped malformed frame: %s", self.pipe, exc)
+            return True
+        lanes = self._bulk.get(sock)
+        seen = self._seen.get(producer)
+        try:
+            if seen is not None and (seq < seen.next or seq in seen.extra):
+                self.stats.duplicates += 1
+                if lanes is not None:
+                    lanes.discard(seq, total, header)
+                self._control(sock, {"k": "credit", "n": 1, "acks": [seq]})
+                return True
+            if lanes is not None:
+                lanes.expect(seq, total, header)
+        except ValueError as exc:
+            self.stats.malformed += 1
+            log.warning("pipe %s: dropped malformed frame: %s", self.pipe, exc)
+            return True
+        self._sock_of[producer] = sock
+        entry = _LaneItem(header=bytes(frame.buffer), seq=seq, total=total, lanes=lanes)
+        self._queue.append((sock, entry))
+        return True
 
     def _receive(self, wait_ms: int) -> None:
         events = dict(self._poller.poll(wait_ms))
@@ -271,8 +422,14 @@ class Consumer:
                 continue
             while sock.poll(0, zmq.POLLIN):
                 frames = sock.recv_multipart(copy=False)
-                if len(frames) == 1 and len(frames[0].buffer) < 64 and self._is_who(frames[0]):
+                msg = self._control_msg(frames[0]) if len(frames) == 1 else None
+                if msg is not None and msg["k"] == "who":
                     self._rehello(sock)
+                    continue
+                if msg is not None:
+                    self._open_lanes(sock, msg)
+                    continue
+                if len(frames) == 1 and self._lane_header(sock, frames[0]):
                     continue
                 try:
                     item = decode_item(frames, shm=self._shm)

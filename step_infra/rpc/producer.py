@@ -28,11 +28,13 @@ import msgpack
 import torch
 import zmq
 
+from step_infra.rpc.lanes import LaneListener, LaneSender
 from step_infra.rpc.security import CurveKeys, server_options
 from step_infra.rpc.shm import Segment, ShmPool, shm_address, shm_available
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import Transport, make_transport
-from step_infra.rpc.wire import encode_item, shm_bytes, to_shm_frames
+from step_infra.rpc.ucx import UcxSender, UcxWorker
+from step_infra.rpc.wire import encode_item, shm_bytes, to_flat_frames, to_shm_frames
 
 if TYPE_CHECKING:
     from step_infra.rpc.registry import RegistryClient
@@ -55,6 +57,11 @@ class ProducerConfig:
     max_inflight_bytes: int = 512 << 20
     lease_s: float = 10.0
     send_timeout_s: float | None = None
+    # tcp links: items of at least lane_min_bytes travel over up to ``lanes`` parallel plain
+    # TCP connections per consumer member (see lanes.py); 0 lanes: every byte through zmq.
+    # Links with CURVE never use lanes (they are not encrypted).
+    lanes: int = 4
+    lane_min_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +70,13 @@ class ProducerConfig:
             raise ValueError(f"max_inflight_bytes {self.max_inflight_bytes}; expected > 0")
         if self.lease_s <= 0:
             raise ValueError(f"lease_s {self.lease_s}; expected > 0")
+        if not 0 <= self.lanes <= 64:
+            raise ValueError(f"lanes {self.lanes}; expected 0 (off) to 64")
+        if self.transport == "ucx" and self.curve is not None:
+            raise ValueError(
+                "curve keys with transport='ucx': CURVE encrypts zmq links only and UCX would "
+                "carry the tensors in clear; use transport='tcp' for encrypted links"
+            )
 
 
 @dataclass(slots=True)
@@ -73,6 +87,8 @@ class _Member:
     last_seen: float
     shm: bool = False
     group_size: int = 0  # members its group announced (0: unknown)
+    lane_token: bytes | None = None  # lanes offered, not all connected yet
+    bulk: LaneSender | UcxSender | None = None  # where large items' bytes go
 
 
 @dataclass(slots=True)
@@ -82,6 +98,7 @@ class _Pending:
     waiting: dict[str, set[bytes]] = field(default_factory=dict)  # group -> members yet to ack
     shm_frames: list[bytes] | None = None
     segment: Segment | None = None
+    flat: tuple[bytes, list[memoryview], list[int], int] | None = None  # for bulk channels
 
 
 class Producer:
@@ -100,8 +117,8 @@ class Producer:
         self.pipe = pipe
         self.name = name
         self.config = config or ProducerConfig()
+        tr = transport or make_transport(self.config.transport)  # fails early: ucx without ucxx
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        tr = transport or make_transport(self.config.transport)
         self._sock, self.address = tr.bind(
             self._ctx,
             self.config.host,
@@ -116,6 +133,10 @@ class Producer:
             self._ipc_path = ipc.removeprefix("ipc://")
             self.address = f"{self.address};{shm_address(ipc)}"
             self._pool = ShmPool()
+        self._lanes: LaneListener | None = None
+        if self.config.lanes and self.config.curve is None and tr.name in ("tcp", "ucx"):
+            self._lanes = LaneListener(self.config.host)
+        self._ucx: UcxWorker | None = UcxWorker() if tr.name == "ucx" else None
         self._seq = start_seq
         self._members: dict[bytes, _Member] = {}
         self._pending: dict[int, _Pending] = {}
@@ -192,6 +213,12 @@ class Producer:
 
     def close(self) -> None:
         """Close the socket (unacknowledged items are lost with this process)."""
+        for m in self._members.values():
+            self._release_lanes(m)
+        if self._lanes is not None:
+            self._lanes.close()
+        if self._ucx is not None:
+            self._ucx.close()
         self._sock.close(linger=0)
         self._ctx.term()
         if self._pool is not None:
@@ -232,13 +259,23 @@ class Producer:
             for group, members in targets.items():
                 pending.waiting[group] = set()
                 for m in members:
-                    frames = self._shm_frames(pending) if m.shm else pending.frames
+                    big = pending.nbytes >= self.config.lane_min_bytes
+                    bulk = self._bulk_of(m) if big and not m.shm else None
+                    if m.shm:
+                        frames = self._shm_frames(pending)
+                    elif bulk is not None:
+                        frames = [self._flat(pending)[0]]
+                    else:
+                        frames = pending.frames
                     try:
                         self._sock.send_multipart([m.ident, *frames], copy=False)
                     except zmq.ZMQError as exc:
                         log.warning("pipe %s: member %r unreachable: %s", self.pipe, m.ident, exc)
                         unreachable.append(m)
                         continue
+                    if bulk is not None:
+                        _, buffers, offsets, total = self._flat(pending)
+                        bulk.send(seq, buffers, offsets, total)
                     m.credit -= 1
                     pending.waiting[group].add(m.ident)
             if unreachable:
@@ -263,6 +300,22 @@ class Producer:
             pending.shm_frames = to_shm_frames(pending.frames, pending.segment)
         return pending.shm_frames
 
+    def _flat(self, pending: _Pending) -> tuple[bytes, list[memoryview], list[int], int]:
+        if pending.flat is None:
+            pending.flat = to_flat_frames(pending.frames)
+        return pending.flat
+
+    def _bulk_of(self, member: _Member) -> LaneSender | UcxSender | None:
+        """The member's bulk channel (ucx, or lanes once all connected); ``None``: zmq frames."""
+        if member.bulk is None and member.lane_token is not None and self._lanes is not None:
+            socks = self._lanes.take(member.lane_token)
+            if socks is not None:
+                member.bulk = LaneSender(socks)
+                member.lane_token = None
+        if member.bulk is not None and member.bulk.broken:
+            return None
+        return member.bulk
+
     def _forget(self, seq: int) -> None:
         pending = self._pending.pop(seq)
         self._inflight -= pending.nbytes
@@ -275,9 +328,7 @@ class Producer:
             by_group.setdefault(m.group, []).append(m)
         # a group that announced more members than have joined waits: every member gets
         # every item of its group, so none may be sent before the last one is here
-        by_group = {
-            g: ms for g, ms in by_group.items() if len(ms) >= max(m.group_size for m in ms)
-        }
+        by_group = {g: ms for g, ms in by_group.items() if len(ms) >= max(m.group_size for m in ms)}
         if not by_group:
             return None
         credit = {g: min(m.credit for m in ms) for g, ms in by_group.items()}
@@ -318,8 +369,32 @@ class Producer:
         if kind == "hello":
             group = str(msg.get("group", ""))
             shm = bool(msg.get("shm", False)) and self._pool is not None
-            self._members[ident] = _Member(ident, group, int(msg.get("credit", 1)), now, shm, group_size=int(msg.get("size", 0) or 0))
+            if member is not None:
+                self._release_lanes(member)
+            member = _Member(
+                ident,
+                group,
+                int(msg.get("credit", 1)),
+                now,
+                shm,
+                group_size=int(msg.get("size", 0) or 0),
+            )
+            self._members[ident] = member
             log.info("pipe %s: %r joined group %r", self.pipe, ident, group)
+            want = int(msg.get("lanes", 0) or 0)
+            ucx = msg.get("ucx")
+            if self._ucx is not None and not shm and isinstance(ucx, str):
+                try:
+                    member.bulk = UcxSender(self._ucx, ucx)
+                except Exception as exc:  # ucxx raises its own error types
+                    log.warning("pipe %s: no ucx endpoint to %r (%s)", self.pipe, ident, exc)
+            elif self._lanes is not None and not shm and want > 0:
+                lanes = min(want, self.config.lanes)
+                member.lane_token = self._lanes.expect(lanes)
+                offer = {"v": 1, "k": "lanes", "port": self._lanes.port, "n": lanes}
+                offer["token"] = member.lane_token
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sock.send_multipart([ident, msgpack.packb(offer, use_bin_type=True)])
             return
         if member is None:
             # unknown peer (we restarted, or its lease expired): ask it to say hello again
@@ -354,7 +429,16 @@ class Producer:
             log.warning("pipe %s: lease of %r expired", self.pipe, m.ident)
             self._drop(m)
 
+    def _release_lanes(self, member: _Member) -> None:
+        if member.bulk is not None:
+            member.bulk.close()
+            member.bulk = None
+        if member.lane_token is not None and self._lanes is not None:
+            self._lanes.forget(member.lane_token)
+            member.lane_token = None
+
     def _drop(self, member: _Member) -> None:
+        self._release_lanes(member)
         self._members.pop(member.ident, None)
         group_alive = any(m.group == member.group for m in self._members.values())
         resend: list[int] = []

@@ -5,18 +5,23 @@ a Unix socket; the consumer maps the segment and wraps tensors without copying.
 A segment is reused only after every receiving member acknowledged its item, and a consumer
 acknowledges item N when the trainer takes item N+1, so tensors stay valid until then (the
 :class:`~step_infra.rpc.dataset.PipeDataset` clones). Files live in ``/dev/shm`` (plain
-``mmap``, so no resource-tracker surprises) and are unlinked on :meth:`ShmPool.close`; a
-``kill -9`` leaves them behind until reboot or manual cleanup (names start ``steprpc-``).
+``mmap``, so no resource-tracker surprises) and are unlinked on :meth:`ShmPool.close`. A
+``kill -9`` leaves them behind: names carry the creating pid (``steprpc-<pid>-<hex>``) and every
+new :class:`ShmPool` first unlinks the segments of pids that no longer run
+(:func:`remove_stale_segments`); consumers still mapping one keep their mapping.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 PREFIX = "steprpc-"
@@ -40,8 +45,42 @@ class Segment:
         self.view = memoryview(self.mm)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink ``steprpc-<pid>-*`` segments whose creating process is gone; returns their names.
+
+    A reused pid keeps its segments (conservative: never removes a live producer's files).
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        pid_text, _, rest = name.removeprefix(PREFIX).partition("-")
+        if not name.startswith(PREFIX) or not rest or not pid_text.isdigit():
+            continue
+        if int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+    if removed:
+        log.info("removed %d stale shared-memory segments of dead processes", len(removed))
+    return removed
+
+
 def _create(size: int) -> Segment:
-    name = f"{PREFIX}{uuid.uuid4().hex[:16]}"
+    name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}"
     fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, max(size, 1))
@@ -57,6 +96,7 @@ class ShmPool:
     def __init__(self) -> None:
         self._free: list[Segment] = []
         self._all: list[Segment] = []
+        remove_stale_segments()
 
     def acquire(self, size: int) -> Segment:
         """A free segment of at least ``size`` bytes (reused when possible)."""
@@ -118,20 +158,28 @@ def shm_address(ipc_address: str) -> str:
 def select_endpoint(address: str, force: str | None = None) -> tuple[str, bool]:
     """Pick the zmq address to connect to and whether payloads come through shm.
 
-    ``address`` is a producer's published address: ``tcp://h:p`` optionally followed by
-    ``;shm://<hostname>/path``. Same host -> shm, unless ``force`` is ``"tcp"``.
+    ``address`` is a producer's published address: ``tcp://h:p`` (or ``ucx://h:p``) optionally
+    followed by ``;shm://<hostname>/path``. Same host -> shm unless ``force`` names another
+    transport; ``force="tcp"`` turns a ``ucx://`` endpoint into its plain tcp link.
     """
     parts = address.split(";")
     tcp = next((p for p in parts if not p.startswith("shm://")), None)
     shm = next((p for p in parts if p.startswith("shm://")), None)
-    if force not in (None, "tcp", "shm"):
-        raise ValueError(f"force {force!r}; expected None, 'tcp' or 'shm'")
-    if shm is not None and force != "tcp":
-        host, _, path = shm.removeprefix("shm://").partition("/")
-        if host == socket.gethostname() and shm_available():
+    if force not in (None, "tcp", "shm", "ucx"):
+        raise ValueError(f"force {force!r}; expected None, 'tcp', 'shm' or 'ucx'")
+    if (shm is not None and force is None) or force == "shm":
+        host, _, path = (shm or "").removeprefix("shm://").partition("/")
+        if shm is not None and host == socket.gethostname() and shm_available():
             return f"ipc:///{path}", True
     if force == "shm":
         raise ValueError(f"address {address!r} offers no same-host shm endpoint; drop force='shm'")
     if tcp is None:
         raise ValueError(f"address {address!r} has no tcp endpoint")
+    if force == "ucx" and not tcp.startswith("ucx://"):
+        raise ValueError(
+            f"address {address!r} offers no ucx endpoint; start the producer with "
+            "ProducerConfig(transport='ucx') or drop transport='ucx'"
+        )
+    if force == "tcp" and tcp.startswith("ucx://"):
+        tcp = "tcp://" + tcp.removeprefix("ucx://")  # the same zmq endpoint, without UCX
     return tcp, False

@@ -2,8 +2,10 @@
 
 A :class:`Transport` makes the two zmq sockets of a link: the producer's ROUTER (one per
 producer, consumers address it) and a consumer's DEALER (one per producer it reads from, so
-credits and acks reach the right producer). ``tcp`` works across hosts; ``ipc`` (a Unix
-socket, same host only) skips the TCP stack. Sockets never drop silently (HWM 0: credits bound
+credits and acks reach the right producer). ``tcp`` works across hosts (large items' bytes
+take parallel lanes, ``lanes.py``); ``ipc`` (a Unix socket, same host only) skips the TCP
+stack; ``ucx`` is tcp for control and headers plus UCX for large items' bytes (``ucx.py``).
+Same-host shared memory (``shm.py``) rides on ``ipc``. Sockets never drop silently (HWM 0: credits bound
 what is queued) and close with ``linger=0``.
 """
 
@@ -24,7 +26,7 @@ class Transport(Protocol):
 
     @property
     def name(self) -> str:
-        """The transport's name (``tcp``, ``ipc``)."""
+        """The transport's name (``tcp``, ``ipc``, ``ucx``)."""
         ...
 
     def bind(
@@ -140,13 +142,49 @@ class IpcTransport:
         return _connect_dealer(ctx, address, identity, options)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UcxTransport:
+    """UCX through ucxx (extra ``[rdma]``): the link's control path and item headers over zmq
+    tcp, large items' tensor bytes as UCX tagged messages (RDMA where a device exists; see
+    ``ucx.py``). Its address scheme ``ucx://`` tells consumers the producer offers UCX.
+    Making it raises ``ValueError`` naming the package when ucxx cannot load."""
+
+    name: str = "ucx"
+
+    def __post_init__(self) -> None:
+        from step_infra.rpc.ucx import require_ucx
+
+        require_ucx()
+
+    def bind(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        host: str,
+        port: int = 0,
+        options: Mapping[int, Any] | None = None,
+    ) -> tuple[zmq.Socket[bytes], str]:
+        sock, address = TcpTransport().bind(ctx, host, port, options)
+        return sock, "ucx://" + address.removeprefix("tcp://")
+
+    def connect(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        identity: bytes,
+        options: Mapping[int, Any] | None = None,
+    ) -> zmq.Socket[bytes]:
+        return _connect_dealer(ctx, "tcp://" + address.split("://", 1)[1], identity, options)
+
+
 def make_transport(name: str) -> Transport:
-    """The transport called ``name`` (``tcp`` or ``ipc``)."""
+    """The transport called ``name`` (``tcp``, ``ipc`` or ``ucx``)."""
     if name == "tcp":
         return TcpTransport()
     if name == "ipc":
         return IpcTransport()
-    raise ValueError(f"transport {name!r} is not available; expected 'tcp' or 'ipc'")
+    if name == "ucx":
+        return UcxTransport()
+    raise ValueError(f"transport {name!r} is not available; expected 'tcp', 'ipc' or 'ucx'")
 
 
 def transport_for(address: str) -> Transport:

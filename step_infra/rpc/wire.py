@@ -171,13 +171,51 @@ def shm_bytes(frames: Sequence[bytes | memoryview]) -> int:
     return sum((memoryview(b).nbytes + 63) // 64 * 64 for b in frames[1:])
 
 
-def decode_item(frames: Sequence[bytes | memoryview | Any], shm: Any = None) -> Item:
+def to_flat_frames(
+    frames: Sequence[bytes | memoryview],
+) -> tuple[bytes, list[memoryview], list[int], int]:
+    """For a bulk channel (lanes, ucx): the header frame announcing one flat payload, the
+    buffers, their offsets in the flat payload and its size (see :func:`flat_layout`)."""
+    header = decode_header(frames[0])
+    buffers = [memoryview(b).cast("B") for b in frames[1:]]
+    offsets, total = flat_layout([b.nbytes for b in buffers])
+    header["flat"] = total
+    header["offs"] = offsets
+    header["sizes"] = [b.nbytes for b in buffers]
+    return msgpack.packb(header, use_bin_type=True), buffers, offsets, total
+
+
+def flat_layout(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Offsets of buffers of ``sizes`` bytes in one flat payload (64-byte aligned, so every
+    dtype view is aligned) and the payload's size."""
+    offsets: list[int] = []
+    off = 0
+    for n in sizes:
+        offsets.append(off)
+        off += (n + 63) // 64 * 64
+    return offsets, off
+
+
+def flat_size(header: Mapping[str, Any]) -> int | None:
+    """The flat payload size a header announces (``None``: buffers travel as frames)."""
+    total = header.get("flat")
+    if total is None:
+        return None
+    if not isinstance(total, int) or total < 0:
+        raise WireError(f"flat payload size {total!r}; expected a non-negative int")
+    return total
+
+
+def decode_item(
+    frames: Sequence[bytes | memoryview | Any], shm: Any = None, flat: memoryview | None = None
+) -> Item:
     """Rebuild an :class:`Item` from frames; tensors alias the frame buffers (no copy).
 
     Frames may be ``bytes``, ``memoryview`` or ``zmq.Frame`` (anything exposing ``.buffer``
     or the buffer protocol). Raises :class:`WireError` for malformed or truncated input.
     A header naming a shared-memory segment needs ``shm`` (a
-    :class:`~step_infra.rpc.shm.ShmReader`) and carries no buffer frames.
+    :class:`~step_infra.rpc.shm.ShmReader`) and carries no buffer frames; a header announcing
+    a flat payload (``flat``) needs that payload, received over a bulk channel.
     """
     if not frames:
         raise WireError("empty message")
@@ -202,7 +240,13 @@ def decode_item(frames: Sequence[bytes | memoryview | Any], shm: Any = None) -> 
         raise WireError(f"inconsistent tensor lists: {len(names)}/{len(dtypes)}/{len(shapes)}")
     seg = header.get("shm")
     offs = header.get("offs")
-    if seg is not None:
+    total = flat_size(header)
+    if total is not None:
+        if flat is None or flat.nbytes != total:
+            raise WireError(f"item announces a {total}-byte flat payload; none received")
+        if not isinstance(offs, list) or len(offs) != len(names) or len(frames) != 1:
+            raise WireError(f"bad flat payload fields {offs!r} with {len(frames)} frames")
+    elif seg is not None:
         if shm is None:
             raise WireError("item points at shared memory but this link has no shm reader")
         if not isinstance(seg, str) or not isinstance(offs, list) or len(offs) != len(names):
@@ -214,7 +258,8 @@ def decode_item(frames: Sequence[bytes | memoryview | Any], shm: Any = None) -> 
     if not isinstance(meta, dict):
         raise WireError(f"metadata is a {type(meta).__name__}; expected a map")
     tensors: dict[str, torch.Tensor] = {}
-    sources: Sequence[Any] = list(offs or ()) if seg is not None else frames[1:]
+    bulk = seg is not None or total is not None
+    sources: Sequence[Any] = list(offs or ()) if bulk else frames[1:]
     for name, dname, shape, frame in zip(names, dtypes, shapes, sources, strict=True):
         dtype = _DTYPES.get(dname) if isinstance(dname, str) else None
         if dtype is None:
@@ -225,7 +270,12 @@ def decode_item(frames: Sequence[bytes | memoryview | Any], shm: Any = None) -> 
         for d in shape:
             numel *= d
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if seg is not None:
+        if total is not None:
+            off = frame
+            if not isinstance(off, int) or off < 0 or off + numel * itemsize > total:
+                raise WireError(f"tensor {name!r}: offset {off!r} outside the flat payload")
+            buf = flat[off : off + numel * itemsize]  # type: ignore[index]
+        elif seg is not None:
             try:
                 buf = shm.view(seg, int(frame), numel * itemsize)
             except (ValueError, OSError, TypeError) as exc:
