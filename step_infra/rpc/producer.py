@@ -8,7 +8,12 @@ each item to every group. The producer keeps every item until all members of its
 acknowledged it and blocks in :meth:`Producer.send` while unacknowledged bytes exceed
 ``max_inflight_bytes`` (backpressure). A member whose lease expires is dropped; if its group
 is left empty, that group's unacknowledged items are re-sprayed to the other groups.
-Everything runs on the caller's thread (zmq sockets are not thread-safe).
+The zmq socket is used only on the caller's thread (zmq sockets are not thread-safe); the
+bulk channels' own threads (tcp lanes) touch only their plain sockets. So there is no
+background keep-alive: an idle producer must call :meth:`Producer.poll` (say every second),
+or its registry lease lapses and consumers' credits and acks wait (their queued heartbeats
+are read before their leases are judged, so consumers are not dropped for its idleness).
+CUDA tensors are copied to host memory before sending on every transport.
 """
 
 from __future__ import annotations

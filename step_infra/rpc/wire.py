@@ -158,12 +158,24 @@ def to_shm_frames(frames: Sequence[bytes | memoryview], segment: Any) -> list[by
     off = 0
     for buf in frames[1:]:
         view = memoryview(buf).cast("B")
-        segment.view[off : off + view.nbytes] = view
+        _parallel_copy(segment.view[off : off + view.nbytes], view)
         offsets.append(off)
         off += (view.nbytes + 63) // 64 * 64  # 64-byte aligned tensors
     header["shm"] = segment.name
     header["offs"] = offsets
     return [msgpack.packb(header, use_bin_type=True)]
+
+
+def _parallel_copy(dst: memoryview, src: memoryview) -> None:
+    """``dst[:] = src`` through torch, whose copy kernel splits large copies over its intra-op
+    threads (a plain memoryview assignment is one single-threaded memcpy)."""
+    if src.nbytes < (1 << 20):
+        dst[:] = src
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only sources are only read
+        out = torch.frombuffer(dst, dtype=torch.uint8)
+        out.copy_(torch.frombuffer(src, dtype=torch.uint8))
 
 
 def shm_bytes(frames: Sequence[bytes | memoryview]) -> int:
