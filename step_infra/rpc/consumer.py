@@ -133,6 +133,8 @@ class Consumer:
         self._lanes_wanted: dict[zmq.Socket[bytes], int] = {}
         self._bulk: dict[zmq.Socket[bytes], LaneReceiver | UcxReceiver] = {}
         self._ucx: set[zmq.Socket[bytes]] = set()  # links whose large items come over UCX
+        # receive buffers kept for reuse per link: the credit window plus the item held
+        self._pool_keep = self.config.prefetch + 2
         self._host_of: dict[zmq.Socket[bytes], str] = {}
         for address in addresses:
             target, use_shm = select_endpoint(address, self.config.transport)
@@ -151,7 +153,7 @@ class Consumer:
             self._host_of[sock] = target.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
             if target.startswith("ucx://"):
                 self._ucx.add(sock)
-                self._bulk[sock] = UcxReceiver(self._host_of[sock])
+                self._bulk[sock] = UcxReceiver(self._host_of[sock], self._pool_keep)
             tcp = target.startswith("tcp://") and not use_shm and options is None
             self._lanes_wanted[sock] = self.config.lanes if tcp else 0
             self._control(sock, self._hello(sock, self.config.prefetch))
@@ -305,7 +307,9 @@ class Consumer:
             old.close()
         try:
             port, token, n = int(offer["port"]), bytes(offer["token"]), int(offer["n"])
-            self._bulk[sock] = LaneReceiver(self._host_of[sock], port, token, n)
+            self._bulk[sock] = LaneReceiver(
+                self._host_of[sock], port, token, n, pool_keep=self._pool_keep
+            )
         except (KeyError, TypeError, ValueError, OSError) as exc:
             log.warning("pipe %s: lanes offered but not connected (%s); using zmq", self.pipe, exc)
 
@@ -378,7 +382,7 @@ class Consumer:
             old = self._bulk.pop(sock, None)
             if old is not None:
                 old.close()
-            self._bulk[sock] = UcxReceiver(self._host_of[sock])
+            self._bulk[sock] = UcxReceiver(self._host_of[sock], self._pool_keep)
         self._control(sock, self._hello(sock, credit))
 
     def _lane_header(self, sock: zmq.Socket[bytes], frame: Any) -> bool:

@@ -197,19 +197,27 @@ class LaneSender:
     def _run(self, lane: int) -> None:
         sock = self._socks[lane]
         q = self._queues[lane]
-        while (job := q.get()) is not None:
+        while True:
+            job = q.get()
+            if job is None:
+                return
             try:
-                head = STRIPE.pack(MAGIC, lane, job.seq, job.total, job.start, job.stop - job.start)
-                sock.sendall(head)
-                for off, view in job.segments:
-                    lo, hi = max(off, job.start), min(off + view.nbytes, job.stop)
-                    if lo < hi:
-                        sock.sendall(view[lo - off : hi - off])
+                self._send(sock, lane, job)
             except OSError as exc:
                 if not self.broken:
                     log.warning("lanes: lane %d to a consumer failed: %s", lane, exc)
                 self.broken = True
                 return
+            finally:
+                del job  # hold no item's buffers while idle: the producer frees them on ack
+
+    @staticmethod
+    def _send(sock: socket.socket, lane: int, job: _Job) -> None:
+        sock.sendall(STRIPE.pack(MAGIC, lane, job.seq, job.total, job.start, job.stop - job.start))
+        for off, view in job.segments:
+            lo, hi = max(off, job.start), min(off + view.nbytes, job.stop)
+            if lo < hi:
+                sock.sendall(view[lo - off : hi - off])
 
 
 # ------------------------------------------------------------------------------ consumer
@@ -321,9 +329,15 @@ class LaneReceiver:
     """Consumer side, one per producer link: ``lanes`` connections, one thread each."""
 
     def __init__(
-        self, host: str, port: int, token: bytes, lanes: int, connect_timeout_s: float = 5.0
+        self,
+        host: str,
+        port: int,
+        token: bytes,
+        lanes: int,
+        connect_timeout_s: float = 5.0,
+        pool_keep: int = 8,
     ) -> None:
-        self.assembler = FlatAssembler()
+        self.assembler = FlatAssembler(pool_keep)
         self._socks: list[socket.socket] = []
         try:
             for i in range(lanes):

@@ -149,14 +149,14 @@ class UcxReceiver:
     """Consumer side, one per producer link: a UCX listener the producer connects to, and
     tagged receives posted straight into each item's flat buffer."""
 
-    def __init__(self, producer_host: str) -> None:
+    def __init__(self, producer_host: str, pool_keep: int = 8) -> None:
         self._w = UcxWorker()
         self._eps: list[Any] = []
         self._listener = self._w.api.UCXListener.create(
             self._w.worker, 0, self._eps.append, deliver_endpoint=True
         )
         self.address = f"{local_address_towards(producer_host)}:{self._listener.port}"
-        self._pool = BufferPool()
+        self._pool = BufferPool(pool_keep)
         self._items: dict[int, tuple[np.ndarray, list[Any], int]] = {}
         self._discarded: list[tuple[np.ndarray, list[Any]]] = []
         self.broken: str | None = None
