@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from step_infra.data.media import write_gif
 from step_infra.data.motion import motion_accuracy
 from step_infra.data.synthetic import COLORS, DIRECTIONS, SHAPES, ClipSpec, SyntheticClips
 from step_infra.models.config import get_preset
@@ -27,7 +28,6 @@ from step_infra.models.dit import DiT, build_dit
 from step_infra.models.text import TextEncoders
 from step_infra.models.vae import VideoVAE, psnr
 from step_infra.recipes.averaging import average_checkpoints
-from step_infra.data.media import write_gif
 from step_infra.recipes.preference import build_preference_pairs
 from step_infra.recipes.stages import RecipeConfig, StageConfig, TurboConfig
 from step_infra.train.dpo import diffusion_dpo_loss
