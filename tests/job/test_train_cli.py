@@ -8,11 +8,11 @@ complete. The second launch resumes from it and finishes with every sample train
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,15 +39,9 @@ def _job_pids(run_dir: Path) -> set[int]:
     return pids
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def test_ctrl_c_stops_everything_and_the_same_command_resumes(tmp_path: Path) -> None:
+def test_ctrl_c_stops_everything_and_the_same_command_resumes(
+    tmp_path: Path, pid_alive: Callable[[int], bool]
+) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         _train(run_dir, "--fresh"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -65,7 +59,7 @@ def test_ctrl_c_stops_everything_and_the_same_command_resumes(tmp_path: Path) ->
     assert proc.returncode == 1, out.decode()[-2000:]
     assert any(e["event"] == "interrupted" for e in read_events(run_dir))
     time.sleep(1.0)
-    left = [pid for pid in _job_pids(run_dir) if _alive(pid)]
+    left = [pid for pid in _job_pids(run_dir) if pid_alive(pid)]
     assert left == [], f"processes outlived the job: {left}"
     checkpoint = latest_durable(run_dir / "checkpoints")
     assert checkpoint is not None and (checkpoint / ".metadata").exists()

@@ -16,8 +16,8 @@ none for a skipped or repeated sample, which moves the loss by percents.
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,16 +31,8 @@ from step_infra.train.job.report import job_metrics
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_killed_trainer_recovers_and_matches_uninterrupted_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pid_alive: Callable[[int], bool]
 ) -> None:
     console = Console(width=120)
     cfg = micro_t2v()
@@ -54,7 +46,7 @@ def test_killed_trainer_recovers_and_matches_uninterrupted_run(
     assert m["audit"]["exactly_once"], m["audit"]
     assert m["audit"]["steps_rerun_after_restart"] >= 1  # rolled back to the checkpoint
     for server in m["servers"]:
-        assert not _alive(int(server["pid"])), f"{server['name']} outlived the job"
+        assert not pid_alive(int(server["pid"])), f"{server['name']} outlived the job"
     page = (tmp_path / "faulted" / "report.html").read_text()
     assert "Training job" in page and "data:image/gif;base64" in page
     assert len(faulted.samples) == cfg.sample_prompts

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -53,17 +53,11 @@ def test_config_validates() -> None:
         ElasticConfig(run_dir=Path("x"), policy="kill")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_slow_node_is_evicted_and_the_spare_takes_over(tmp_path: Path) -> None:
+def test_slow_node_is_evicted_and_the_spare_takes_over(
+    tmp_path: Path, pid_alive: Callable[[int], bool]
+) -> None:
     """3 agents + 1 spare; node1 becomes 30 % slower at step 15 -> detected, evicted, the
     spare joins, training resumes from the checkpoint with the same global batch."""
     steps = 45
@@ -120,7 +114,7 @@ def test_slow_node_is_evicted_and_the_spare_takes_over(tmp_path: Path) -> None:
     # Nothing is left running.
     starts = [e for e in events if e["event"] == "agent_start"]
     assert len(starts) == 4
-    assert not any(_alive(e["pid"]) for e in starts)
+    assert not any(pid_alive(e["pid"]) for e in starts)
 
 
 def _toy(*extra: str, steps: int = 30) -> tuple[str, ...]:
