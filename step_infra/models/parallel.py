@@ -198,21 +198,49 @@ def all_to_all(x: torch.Tensor, group: Any, scatter_dim: int, gather_dim: int) -
     return x if group.size() == 1 else _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
+def all_reduce_coalesced(tensors: list[torch.Tensor], group: Any) -> None:
+    """Sum ``tensors`` over ``group`` in one flat all-reduce, in place.
+
+    One message instead of one per tensor, as megatron-core coalesces the layer-norm gradients
+    of sequence parallelism: the many small gradients are latency-bound, so their count, not
+    their bytes, sets the cost.
+    """
+    if not tensors or group.size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def tp_partial_grads(model: torch.nn.Module, groups: ParallelGroups) -> list[torch.Tensor]:
+    """Gradients of parameters marked ``tp_partial_grad`` (shared across the heads or sequence
+    shards of a tensor-parallel group: each rank holds a partial sum); empty without TP."""
+    if groups.tp_size == 1:
+        return []
+    return [
+        p.grad
+        for p in model.parameters()
+        if p.grad is not None and getattr(p, "tp_partial_grad", False)
+    ]
+
+
 def finalize_grads(model: torch.nn.Module, groups: ParallelGroups) -> None:
     """Reduce gradients after backward, as megatron-core's ``finalize_model_grads`` does.
 
-    - parameters marked ``tp_partial_grad`` (shared across heads or sequence shards of a
-      tensor-parallel group) are summed over the tensor-parallel group;
+    - parameters marked ``tp_partial_grad`` are summed over the tensor-parallel group;
     - every gradient is summed over the context-parallel group (each rank saw part of the
       sequence) and averaged over the data-parallel group (each rank saw part of the batch).
+
+    Each reduction is one coalesced all-reduce.
     """
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if groups.tp_size > 1 and getattr(p, "tp_partial_grad", False):
-            dist.all_reduce(p.grad, group=groups.tp)
-        if groups.cp_size > 1:
-            dist.all_reduce(p.grad, group=groups.cp)
-        if groups.dp_size > 1:
-            dist.all_reduce(p.grad, group=groups.dp)
-            p.grad.div_(groups.dp_size)
+    all_reduce_coalesced(tp_partial_grads(model, groups), groups.tp)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if groups.cp_size > 1:
+        all_reduce_coalesced(grads, groups.cp)
+    if groups.dp_size > 1:
+        all_reduce_coalesced(grads, groups.dp)
+        for g in grads:
+            g.div_(groups.dp_size)

@@ -32,7 +32,7 @@ from step_infra.data.servers import LATENT_PIPE, TOKEN_ENV, wait_for_producers
 from step_infra.data.stream import Sample, StepStream
 from step_infra.models.config import get_preset
 from step_infra.models.dit import build_dit
-from step_infra.models.parallel import ParallelGroups
+from step_infra.models.parallel import ParallelGroups, all_reduce_coalesced, tp_partial_grads
 from step_infra.telemetry.session import ElasticSession
 from step_infra.telemetry.worker_support import write_heartbeat
 from step_infra.topology import ProcessGrid
@@ -109,24 +109,19 @@ def _sharded(p: nn.Parameter, tp: int) -> bool:
 
 def reduce_gradients(model: nn.Module, groups: ParallelGroups, loss_sum: float) -> float:
     """Sum gradients (and the loss) over replicas in one flat all-reduce; returns the summed
-    loss. Parameters whose gradient is partial per TP rank are summed over TP first."""
+    loss. Gradients that are partial per TP rank are first summed over TP, also in one."""
     grads = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if groups.tp_size > 1 and getattr(p, "tp_partial_grad", False):
-            dist.all_reduce(p.grad, group=groups.tp)
         grads.append(p.grad)
-    flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum])])
+    all_reduce_coalesced(tp_partial_grads(model, groups), groups.tp)
+    loss = torch.tensor([loss_sum])
     if groups.dp_size > 1:
-        dist.all_reduce(flat, group=groups.dp)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return float(flat[-1])
+        all_reduce_coalesced([*grads, loss], groups.dp)
+    return float(loss)
 
 
 def clip_gradients(model: nn.Module, groups: ParallelGroups, max_norm: float) -> float:
