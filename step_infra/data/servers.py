@@ -63,6 +63,10 @@ class ServerConfig:
     vae_rate: float = 16.0
     lease_s: float = 5.0
     max_inflight_bytes: int = 64 << 20
+    # latents a VAE server encodes ahead of its consumers' credit: the pipe is full when the
+    # trainers start and while they restart, and the server never blocks with its own text
+    # lease running out (the launcher sets one global batch)
+    vae_queue_items: int = 16
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -157,11 +161,16 @@ def _registry(cfg: ServerConfig) -> Any:
     return RegistryClient(cfg.registry, os.environ.get(TOKEN_ENV, ""))
 
 
-def _producer(cfg: ServerConfig, pipe: str, name: str, registry: Any) -> Any:
+def _producer(
+    cfg: ServerConfig, pipe: str, name: str, registry: Any, *, queue_items: int = 0
+) -> Any:
     from step_infra.rpc.producer import Producer, ProducerConfig
 
     pcfg = ProducerConfig(
-        lease_s=cfg.lease_s, max_inflight_bytes=cfg.max_inflight_bytes, send_timeout_s=None
+        lease_s=cfg.lease_s,
+        max_inflight_bytes=cfg.max_inflight_bytes,
+        send_timeout_s=None,
+        queue_items=queue_items,
     )
     return Producer(pipe, name=name, config=pcfg, registry=registry)
 
@@ -253,7 +262,9 @@ def run_vae_server(cfg: ServerConfig, index: int) -> None:
     pacer = _Pacer(cfg.vae_rate)
     text_addresses = wait_for_producers(registry, TEXT_PIPE, cfg.text_servers)
     with (
-        _producer(cfg, LATENT_PIPE, name, registry) as prod,
+        _producer(  # room for a whole batch beyond the queue: sends never block on it
+            cfg, LATENT_PIPE, name, registry, queue_items=cfg.vae_queue_items + VAE_BATCH
+        ) as prod,
         Consumer(
             TEXT_PIPE,
             text_addresses,
@@ -265,6 +276,10 @@ def run_vae_server(cfg: ServerConfig, index: int) -> None:
     ):
         last_stats = 0.0
         while not stopping.flag:
+            if prod.queued >= cfg.vae_queue_items:  # ahead enough: wait for trainers' credit
+                prod.poll(100)
+                text.keep_alive()
+                continue
             item = text.get(timeout_s=0.1)
             if item is None:
                 prod.poll(0)

@@ -212,6 +212,13 @@ class Consumer:
             raise StopIteration
         return item
 
+    def keep_alive(self) -> None:
+        """Receive what arrived and heartbeat, without taking an item: a pipeline stage that is
+        waiting on its own consumers calls this so its producers do not take it for dead (its
+        lease) and re-spray what it holds."""
+        self._receive(0)
+        self._heartbeat()
+
     def get(self, timeout_s: float | None = None) -> Item | None:
         """The next item (acknowledging the previous one), or ``None`` after ``timeout_s``."""
         self._release()

@@ -67,6 +67,10 @@ class ProducerConfig:
     # Links with CURVE never use lanes (they are not encrypted).
     lanes: int = 4
     lane_min_bytes: int = 1 << 20
+    # items send() may leave queued for lack of consumer credit before it blocks: a stage that
+    # must not stall while its consumers (re)start keeps working ahead, up to this many items
+    # (and max_inflight_bytes); 0: send() returns once every item went to a consumer
+    queue_items: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -75,6 +79,8 @@ class ProducerConfig:
             raise ValueError(f"max_inflight_bytes {self.max_inflight_bytes}; expected > 0")
         if self.lease_s <= 0:
             raise ValueError(f"lease_s {self.lease_s}; expected > 0")
+        if self.queue_items < 0:
+            raise ValueError(f"queue_items {self.queue_items}; expected >= 0")
         if not 0 <= self.lanes <= 64:
             raise ValueError(f"lanes {self.lanes}; expected 0 (off) to 64")
         if self.transport == "ucx" and self.curve is not None:
@@ -183,7 +189,9 @@ class Producer:
     def send(
         self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
     ) -> int:
-        """Send one item; blocks on backpressure. Returns the item's sequence number."""
+        """Send one item; blocks on backpressure (more than ``queue_items`` items waiting for
+        consumer credit, or ``max_inflight_bytes`` unacknowledged). Returns its sequence number.
+        Items left queued go out from later ``send`` and ``poll`` calls."""
         seq = self._seq
         self._seq += 1
         frames = encode_item(
@@ -200,7 +208,7 @@ class Producer:
         self._pending[seq] = _Pending(frames=frames, nbytes=nbytes)
         self._inflight += nbytes
         self._resend.append(seq)
-        self._pump(deadline)
+        self._pump(deadline, keep=self.config.queue_items)
         return seq
 
     def flush(self, timeout_s: float = 30.0) -> None:
@@ -246,12 +254,20 @@ class Producer:
             )
         self._service(20)
 
-    def _pump(self, deadline: float | None) -> None:
-        """Send queued items while some target has credit."""
+    @property
+    def queued(self) -> int:
+        """Items waiting for consumer credit (not yet sent to anyone)."""
+        return len(self._resend)
+
+    def _pump(self, deadline: float | None, *, keep: int = 0) -> None:
+        """Send queued items while some target has credit; without credit, wait until at most
+        ``keep`` items are left queued (or ``deadline`` passes)."""
         while self._resend:
             self._service(0)
             targets = self._targets()
             if targets is None:
+                if len(self._resend) <= keep:
+                    return
                 if deadline is not None and time.monotonic() > deadline:
                     return
                 self._wait(deadline)

@@ -147,6 +147,54 @@ def test_lease_expiry_resprays_unacked() -> None:
         assert prod.stats.resent > 0
 
 
+def test_queue_items_lets_send_work_ahead_of_consumers() -> None:
+    """With ``queue_items`` a producer encodes ahead while no consumer is there (trainers
+    starting or restarting): sends return, items wait in order, and beyond the queue send
+    blocks again (here until its send timeout, which leaves the item queued)."""
+    cfg = ProducerConfig(queue_items=5, send_timeout_s=0.3)
+    with Producer("p", config=cfg) as prod:
+        t0 = time.monotonic()
+        for i in range(5):
+            prod.send({"x": torch.full((8,), float(i))})
+        assert time.monotonic() - t0 < 0.25  # no consumer, yet none of the five blocked
+        assert prod.queued == 5
+        t0 = time.monotonic()
+        prod.send({"x": torch.full((8,), 5.0)})
+        assert time.monotonic() - t0 >= 0.29  # the sixth waited for credit
+        cons = Consumer("p", [prod.address], group="g")
+        got = []
+        while len(got) < 6:
+            prod.poll(10)
+            item = cons.get(timeout_s=0.05)
+            if item is not None:
+                got.append(float(item.tensors["x"][0]))
+        cons.close()
+    assert got == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the timed-out send stays queued, in order
+
+
+def test_keep_alive_holds_the_lease_without_taking() -> None:
+    """A stage waiting on its own consumers calls keep_alive: its producer must not take it
+    for dead and re-spray what it holds to another group."""
+    with Producer("p", config=ProducerConfig(lease_s=0.5)) as prod:
+        busy = Consumer(
+            "p", [prod.address], group="busy", config=ConsumerConfig(prefetch=4, heartbeat_s=0.1)
+        )
+        prod.wait_for_consumers()
+        for i in range(4):  # all four go to "busy", the only group
+            prod.send({"x": torch.full((8,), float(i))})
+        other = Consumer("p", [prod.address], group="other", config=ConsumerConfig(prefetch=4))
+        prod.wait_for_consumers(groups=2)
+        end = time.monotonic() + 1.5  # three leases
+        while time.monotonic() < end:
+            busy.keep_alive()
+            prod.poll(50)
+        assert other.get(timeout_s=0.2) is None  # nothing was re-sprayed to "other"
+        assert prod.stats.resent == 0
+        assert [busy.get(timeout_s=2).seq for _ in range(4)] == [0, 1, 2, 3]  # type: ignore[union-attr]
+        busy.close()
+        other.close()
+
+
 def test_resume_skips_consumed_and_dedupes() -> None:
     with Producer("p", name="A") as prod:
         c = Consumer("p", [prod.address], group="g", resume={"A": 5})

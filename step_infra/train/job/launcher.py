@@ -291,6 +291,7 @@ def run_training_job(
             text_rate=cfg.text_rate,
             vae_rate=cfg.vae_rate,
             lease_s=cfg.lease_s,
+            vae_queue_items=cfg.global_batch,
             seed=cfg.seed,
         )
         server_cfg.save(run_dir / "servers.json")
