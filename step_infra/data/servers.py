@@ -104,6 +104,7 @@ class _Pacer:
         self.paced_s = 0.0
         self.items = 0
         self.t0 = time.monotonic()
+        self.cpu0 = time.process_time()
 
     def done(self, started: float, encoded: float, n: int = 1) -> None:
         """``n`` items begun at ``started``, encoded by ``encoded`` (then sent, which may
@@ -146,6 +147,9 @@ def _write_stats(cfg: ServerConfig, name: str, pacer: _Pacer, **extra: Any) -> N
         "wall_s": round(wall, 3),
         "busy_s": round(pacer.busy_s, 3),  # real encoding work (not waiting to send)
         "paced_s": round(pacer.paced_s, 3),  # the rest of each item's device budget
+        # CPU the whole process used while serving (encode, pipes, threads): what it takes
+        # from trainers that share this host's cores
+        "cpu_s": round(time.process_time() - pacer.cpu0, 3),
         "utilization": round((pacer.busy_s + pacer.paced_s) / wall, 4) if wall > 0 else 0.0,
         "t_unix_s": time.time(),
         **extra,

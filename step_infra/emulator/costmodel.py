@@ -18,7 +18,10 @@ disagree). Sources of the formulas:
   dtype (``ModelSpec.dtype_bytes``);
 - pipeline bubble ``(p - 1) / (v m)`` of the micro-batch time (Narayanan et al. 2021 sec. 2.2);
 - collectives: alpha-beta ring costs on the slowest link the group spans; a collective hides
-  under at most ``GPUSpec.comm_overlap`` of the compute it is overlapped with.
+  under at most ``GPUSpec.comm_overlap`` of the compute it is overlapped with;
+- dispatch: every framework op costs the host ``GPUSpec.op_overhead_us``; a GPU queues ops
+  ahead, so only dispatch beyond the device's work shows (``max(compute, dispatch)``), a CPU
+  pays it on top. Negligible for large GEMMs, it dominates a model of a few hundred tokens.
 """
 
 from __future__ import annotations
@@ -222,7 +225,13 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
     pp_bytes = b * tokens * h / sp_div
     pp_comm = np.where(pp > 1, 2.0 * vpp * (pp_bytes / (pp_bw * GB) + pp_lat * 1e-6), 0.0)
 
-    per_micro = fwd + bwd + recompute + (tp_comm - tp_hidden) + cp_exposed + pp_comm
+    # host dispatch of the stage's framework ops (the busiest stage also runs embedding and loss)
+    ops = layers_stage * model.ops_per_layer * passes / 2.0 + model.ops_outside_layers
+    dispatch = ops * hw.op_overhead_us * 1e-6
+    device_work = fwd + bwd + recompute
+    dispatch_exposed = np.maximum(dispatch - device_work, 0.0) if hw.async_dispatch else dispatch
+
+    per_micro = device_work + dispatch_exposed + (tp_comm - tp_hidden) + cp_exposed + pp_comm
     bubble = per_micro * (pp - 1) / vpp
     pipeline = per_micro * micro
 
@@ -248,7 +257,15 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
     adam_bytes = 28.0 if model.dtype == "fp32" else 30.0
     optimizer = adam_bytes * shard / (hw.hbm_gb_s * GB)
 
-    step = pipeline + bubble + rs_exposed + ag_exposed + optimizer
+    # after the backward: gradients that are partial per TP rank (norm gains, biases and
+    # modulation tables shared by the heads) summed over TP in one message (megatron-core's
+    # coalesced layer-norm all-reduce), and the gradient norm's all-reduce for clipping
+    small_bytes = 4.0 * layers_stage * layer_small_params(model)
+    tp_grad_sync = _ring_allreduce_s(small_bytes, tp, tp_bw, tp_lat) + _ring_allreduce_s(
+        np.full_like(tp, 4.0), tp, tp_bw, tp_lat
+    )
+
+    step = pipeline + bubble + rs_exposed + ag_exposed + optimizer + tp_grad_sync
     return {
         "step_time_s": step,
         "micro_batches": micro,
@@ -256,6 +273,7 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
         "t_compute_attention_s": (t_attn * 3.5) * micro,
         "t_compute_elementwise_s": (elem * 3.0) * micro,
         "t_recompute_s": recompute * micro,
+        "t_dispatch_exposed_s": dispatch_exposed * micro,
         "t_tp_comm_exposed_s": (tp_comm - tp_hidden) * micro,
         "t_tp_comm_hidden_s": tp_hidden * micro,
         "t_cp_comm_exposed_s": cp_exposed * micro,
@@ -265,4 +283,5 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
         "t_dp_comm_exposed_s": rs_exposed + ag_exposed,
         "t_dp_comm_hidden_s": (rs - rs_exposed) + (ag - ag_exposed),
         "t_optimizer_s": optimizer,
+        "t_tp_grad_sync_s": tp_grad_sync,
     }

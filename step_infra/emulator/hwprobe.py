@@ -9,6 +9,8 @@ GPU where there is one):
 - fused attention (``scaled_dot_product_attention``, forward + backward) at several sequence
   lengths -> ``attn_eff``;
 - a large tensor copy and a chain of elementwise kernels -> memory bandwidth (``hbm_gb_s``);
+- the forward + backward of a block of tensors too small to compute anything -> host time per
+  framework op (``op_overhead_us``; a CPU runs each op itself, so ``async_dispatch`` is off);
 - TCP loopback between two threads -> link bandwidth and latency, and optionally two-process
   gloo all-reduces timed as a training step issues them (right after compute, mean of many)
   -> the fraction of that bandwidth a real collective reaches (``comm_eff``), its per-hop
@@ -202,6 +204,35 @@ def measure_elementwise_gb_s(cfg: ProbeConfig) -> float:
     return nbytes / sec / 1e9
 
 
+def measure_op_overhead_us(cfg: ProbeConfig) -> float:
+    """Host microseconds per framework op: forward + backward of a pre-norm transformer block
+    (``nn.TransformerEncoderLayer``: norms, attention, MLP, residuals) on tensors so small that
+    only module calls, dispatch, autograd bookkeeping and allocation cost anything. Ops are
+    counted the way the model's ``ops_per_layer`` is (a TorchDispatchMode, views included) and
+    timed without it."""
+    import torch
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+    x = torch.randn(1, 4, 8)
+
+    def block() -> None:
+        layer(x).square().mean().backward()
+
+    class _Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            _Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        block()
+    sec = _time_call(block, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    return sec / _Count.ops * 1e6
+
+
 def measure_memory_bandwidth_gb_s(cfg: ProbeConfig) -> float:
     """GB/s of a large tensor copy (bytes read + bytes written)."""
     import torch
@@ -307,7 +338,7 @@ dist.destroy_process_group()
 
 
 def measure_compute_concurrent(cfg: ProbeConfig, *, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Matmul and attention rates per rank while ``cfg.concurrent_ranks`` processes measure at
+    """Matmul and attention rates (and the host time per op) per rank while ``cfg.concurrent_ranks`` processes measure at
     once: the rate each rank of a local multi-rank job gets when they share the machine's cores
     and memory bandwidth. Rates are averaged over ranks, shape by shape. The workers pass a
     start gate once torch is imported, so their measurements run at the same time."""
@@ -349,7 +380,9 @@ def measure_compute_concurrent(cfg: ProbeConfig, *, timeout_s: float = 120.0) ->
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {
+        "op_overhead_us": statistics.mean(res["op_overhead_us"] for res in results)
+    }
     for kind in ("matmul", "attention"):
         rows = [dict(r) for r in results[0][kind]]
         for i, row in enumerate(rows):
@@ -370,7 +403,11 @@ def _compute_worker(arg: str) -> None:
     sys.stdout.write("ready\n")  # start gate: wait until every worker has imported torch
     sys.stdout.flush()
     sys.stdin.readline()
-    out = {"matmul": measure_matmul(cfg), "attention": measure_attention(cfg)}
+    out = {
+        "matmul": measure_matmul(cfg),
+        "attention": measure_attention(cfg),
+        "op_overhead_us": measure_op_overhead_us(cfg),
+    }
     sys.stdout.write(json.dumps(out) + "\n")
 
 
@@ -383,7 +420,7 @@ def _free_port() -> int:
 def measure_gloo_allreduce(
     cfg: ProbeConfig, *, timeout_s: float = 90.0, reps: int | None = None
 ) -> dict[str, Any]:
-    """Two gloo processes on this machine, timed the way a training step uses them.
+    """Pairs of gloo processes on this machine, timed the way a training step uses them.
 
     A step issues its collectives between bursts of compute and pays their sum, so each
     all-reduce here follows a fixed amount of matmul work (a rank that computes slower arrives
@@ -394,22 +431,27 @@ def measure_gloo_allreduce(
     runs asynchronously beside a compute burst of about its length: the share of the compute
     time it hid under (from the medians of ``reps / 5`` repeats of each, 9 at least) is
     ``overlap`` (near 0 on a CPU, whose cores do both). Both processes are ours and are
-    killed by PID if they outlive ``timeout_s``."""
+    killed by PID if they outlive ``timeout_s``. With ``cfg.concurrent_ranks`` > 2 that many
+    processes measure at once, in pairs, and the pairs' figures are averaged."""
     import numpy as np
 
-    port = _free_port()
+    # As many ranks as the job runs here, in pairs that all measure at once: a rank's
+    # collective then competes for the cores with the others' compute and collectives.
+    pairs = max(1, cfg.concurrent_ranks // 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(port), str(cfg.loopback_mb), str(reps or cfg.gloo_reps)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _GLOO_WORKER, str(r), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for r in range(2)
-    ]
+    procs = []
+    for _ in range(pairs):
+        args = [str(_free_port()), str(cfg.loopback_mb), str(reps or cfg.gloo_reps)]
+        procs += [
+            subprocess.Popen(
+                [sys.executable, "-c", _GLOO_WORKER, str(r), *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for r in range(2)
+        ]
     outs = []
     try:
         for p in procs:
@@ -422,7 +464,14 @@ def measure_gloo_allreduce(
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    res = json.loads(outs[0].strip().splitlines()[-1])
+    per_pair = [json.loads(o.strip().splitlines()[-1]) for o in outs[::2]]  # rank 0 of each
+    res = {
+        key: statistics.mean(r[key] for r in per_pair)
+        for key in ("hot_small_s", "compute_s", "allreduce_s", "overlapped_s")
+    }
+    res["sizes"] = {
+        size: statistics.mean(r["sizes"][size] for r in per_pair) for size in per_pair[0]["sizes"]
+    }
     n = 2
     nbytes = np.array([float(k) for k in res["sizes"]])
     secs = np.array(list(res["sizes"].values()), dtype=float)
@@ -517,7 +566,10 @@ def build_profile(
         "fp8_gemm_eff_max": 1.0,
         "comm_eff": comm_eff,
         "comm_overlap": overlap,
+        "async_dispatch": False,  # the probe runs torch on the CPU: each op runs on the host
     }
+    if "op_overhead_us" in measurements:  # profiles measured before it keep the default
+        gpu_values["op_overhead_us"] = measurements["op_overhead_us"]
     cluster_values: dict[str, Any] = {
         "gpus_per_node": ranks_per_node,
         "nic_gb_s": loop["gb_s"],
@@ -559,6 +611,7 @@ def probe(cfg: ProbeConfig | None = None) -> dict[str, Any]:
             out.update(measure_compute_concurrent(cfg))
         else:
             out["matmul"], out["attention"] = measure_matmul(cfg), measure_attention(cfg)
+            out["op_overhead_us"] = measure_op_overhead_us(cfg)
         if cfg.gloo:
             out["gloo"] = measure_gloo_allreduce(cfg)
         out["probe_s"] = time.perf_counter() - t0

@@ -11,11 +11,18 @@ Model shapes come from the papers named in each group.
 
 from __future__ import annotations
 
+from typing import Any
+
 from step_infra.emulator.specs import ClusterSpec, GPUSpec, ModelSpec
 
 # Fitted on shared/calibration by `python benchmarks/emulator_validation.py --fit`.
-_AMPERE_FIT = {"gemm_eff_max": 0.7589, "gemm_half_dim": 133.3, "attn_eff": 0.30, "comm_eff": 0.90}
-_HOPPER_FIT = {
+_AMPERE_FIT: dict[str, Any] = {
+    "gemm_eff_max": 0.7589,
+    "gemm_half_dim": 133.3,
+    "attn_eff": 0.30,
+    "comm_eff": 0.90,
+}
+_HOPPER_FIT: dict[str, Any] = {
     "gemm_eff_max": 0.7429,
     "gemm_half_dim": 119.5,
     "attn_eff": 0.4041,

@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+# Framework operations (dispatched aten ops, views included) that one DiT block issues for one
+# micro-batch, forward + backward, and those outside the blocks (patchify, timestep and caption
+# embeddings, final layer, loss, the trainer's inputs). Counted with a TorchDispatchMode on the
+# training job's eager step (``tests/job/test_op_counts.py`` keeps them honest); a fused
+# implementation (Transformer-Engine, torch.compile) issues fewer, which matters only where
+# dispatch is exposed.
+EAGER_DIT_OPS_PER_LAYER = 390
+EAGER_DIT_OPS_OUTSIDE_LAYERS = 335
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSpec:
@@ -52,11 +61,19 @@ class ModelSpec:
     vae_time: int = 8
     vae_space: int = 16
     patch: int = 1
+    # framework ops per micro-batch (forward + backward): see EAGER_DIT_OPS_PER_LAYER
+    ops_per_layer: int = EAGER_DIT_OPS_PER_LAYER
+    ops_outside_layers: int = EAGER_DIT_OPS_OUTSIDE_LAYERS
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{self.name}: {name} must be >= 1, got {getattr(self, name)}")
+        if min(self.ops_per_layer, self.ops_outside_layers) < 0:
+            raise ValueError(
+                f"{self.name}: ops_per_layer and ops_outside_layers must be >= 0, got "
+                f"{self.ops_per_layer}, {self.ops_outside_layers}"
+            )
         if self.head_dim is None:
             if self.hidden % self.heads:
                 raise ValueError(
@@ -123,6 +140,12 @@ class GPUSpec:
     run hidden: 0.9 on a GPU, whose NICs and copy engines move data beside the SMs (NCCL's
     kernels take a few of them); on a CPU the collective's threads need the cores the compute
     uses, and ``step-infra calibrate`` measures it.
+
+    ``op_overhead_us`` is the host time to issue one framework op (eager dispatch, autograd
+    bookkeeping, kernel launch). With ``async_dispatch`` (a GPU) the host queues ops ahead of
+    the device, so dispatch costs time only where it outruns the device's work; without it (a
+    CPU, which runs each op itself) every op pays it. A model of small matmuls is bound by it.
+    The GPU default is the order of PyTorch's eager per-op cost; a CPU profile measures it.
     """
 
     name: str
@@ -138,6 +161,8 @@ class GPUSpec:
     fp8_gemm_eff_max: float = 0.55
     comm_eff: float = 0.75
     comm_overlap: float = 0.9
+    op_overhead_us: float = 5.0
+    async_dispatch: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -375,7 +375,8 @@ def _predict(cfg: JobConfig, run_dir: Path, console: Console, *, auto_split: boo
 
     console.print("Step Emulator: measuring this machine and pricing the job's layout ...")
     try:
-        pred = predict_job(cfg, run_dir / "assets" / "hw_profile.json")
+        assets = run_dir / "assets"
+        pred = predict_job(cfg, assets / "hw_profile.json", vae_path=assets / "vae.pt")
     except Exception as exc:  # the prediction informs; it never stops a training job
         log.warning("no emulator prediction: %s", exc)
         console.print(f"  [yellow]no prediction[/]: {exc}")
