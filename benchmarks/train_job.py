@@ -30,7 +30,10 @@ def main() -> None:
     console = Console()
     result = run_training_job(get_recipe(args.recipe), args.run_dir, console=console, fresh=True)
     m = job_metrics(args.run_dir)
-    faults = [(e["event"], e.get("node"), e.get("step", e.get("resume_step"))) for e in m["faults"]]
+    faults = [
+        (e["event"], e.get("node"), e.get("step", e.get("resume_step", e.get("last_step"))))
+        for e in m["faults"]
+    ]
     table = Table(title=f"{args.recipe}: {result.reason}")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -41,8 +44,11 @@ def main() -> None:
         "data stall (all steps)": m.get("data_stall_fraction_all_steps"),
         "measured step s (healthy median)": m.get("measured_step_s"),
         "emulator step s": m.get("predicted_step_s"),
+        "prediction terms s": m.get("prediction_terms"),
         "prediction error": m.get("prediction_error"),
-        "faults": "; ".join(f"{e} {n or ''} @{s}" for e, n, s in faults),
+        "faults": "; ".join(
+            f"{e} {n or ''}" + (f" @{s}" if s is not None else "") for e, n, s in faults
+        ),
     }
     for k, v in rows.items():
         table.add_row(k, str(v))

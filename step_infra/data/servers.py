@@ -103,6 +103,7 @@ class _Pacer:
         self.busy_s = 0.0
         self.paced_s = 0.0
         self.items = 0
+        self.batches = 0
         self.t0 = time.monotonic()
         self.cpu0 = time.process_time()
 
@@ -111,6 +112,7 @@ class _Pacer:
         wait for the consumers' credit): sleep out the rest of their device budget."""
         self.busy_s += encoded - started
         self.items += n
+        self.batches += 1
         rest = n * self.budget_s - (time.monotonic() - started)
         if rest > 0:
             self.paced_s += rest
@@ -144,6 +146,7 @@ def _write_stats(cfg: ServerConfig, name: str, pacer: _Pacer, **extra: Any) -> N
         "pid": os.getpid(),
         "items": pacer.items,
         "rate_cap": 1.0 / pacer.budget_s,
+        "mean_batch": round(pacer.items / pacer.batches, 2) if pacer.batches else 0.0,
         "wall_s": round(wall, 3),
         "busy_s": round(pacer.busy_s, 3),  # real encoding work (not waiting to send)
         "paced_s": round(pacer.paced_s, 3),  # the rest of each item's device budget

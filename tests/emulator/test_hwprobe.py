@@ -123,3 +123,16 @@ def test_concurrent_ranks_measure_every_shape() -> None:
     assert all(r["tflops"] > 0 for r in res["matmul"] + res["attention"])
     with pytest.raises(ValueError, match="concurrent_ranks must be >= 1"):
         ProbeConfig(concurrent_ranks=0)
+
+
+def test_op_overhead_is_measured_and_lands_in_the_profile() -> None:
+    from step_infra.emulator.hwprobe import measure_op_overhead_us
+
+    us = measure_op_overhead_us(ProbeConfig(repeats=1, min_time_s=0.01))
+    assert 0.05 < us < 500  # host microseconds per aten op: a few on any machine
+    meas = _measurements()
+    assert "op_overhead_us" not in build_profile(meas, name="old")["gpu"]  # keeps the default
+    meas["op_overhead_us"] = us
+    gpu = build_profile(meas, name="unit-cpu")["gpu"]
+    assert gpu["op_overhead_us"] == us
+    assert gpu["async_dispatch"] is False  # the probe's torch ran on the CPU

@@ -133,3 +133,26 @@ def test_plan_toml_round_trip(tmp_path: Path) -> None:
 
     spec = load_strategy_toml(path)  # the trainer side reads the same file
     assert spec.grid.tp == strategy.tp and spec.grid.dp == strategy.dp
+
+
+def test_host_dispatch_hidden_behind_gpu_work_and_paid_on_a_cpu() -> None:
+    """A GPU queues ops ahead: dispatch shows only where it outruns the device's work. A CPU
+    runs every op itself: each of the stage's ops pays ``op_overhead_us``, every micro-batch."""
+    import dataclasses
+
+    big = estimate(
+        get_model("gpt-7.5b"), cluster_for("a100-80g", 128), Strategy(tp=4, global_batch=512)
+    )
+    assert big.breakdown["t_dispatch_exposed_s"] == 0.0
+    tiny = ModelSpec(name="tiny", layers=2, hidden=64, heads=2, seq_len=16)
+    gpu = cluster_for("h100-sxm", 8)
+    on_gpu = estimate(tiny, gpu, Strategy(global_batch=8, micro_batch=1))
+    assert on_gpu.breakdown["t_dispatch_exposed_s"] > 0  # a 16-token micro-batch is launch-bound
+    cpu = dataclasses.replace(gpu, gpu=dataclasses.replace(gpu.gpu, async_dispatch=False))
+    on_cpu = estimate(tiny, cpu, Strategy(global_batch=8, micro_batch=1))
+    ops = tiny.layers * tiny.ops_per_layer + tiny.ops_outside_layers
+    # dp=8 over the 8 ranks: one micro-batch of the global 8 per rank
+    assert on_cpu.breakdown["t_dispatch_exposed_s"] == pytest.approx(
+        ops * gpu.gpu.op_overhead_us * 1e-6
+    )
+    assert on_cpu.step_time_s > on_gpu.step_time_s

@@ -31,7 +31,10 @@ class _CountOps(TorchDispatchMode):
 def _ops_of_one_micro_batch(layers: int) -> int:
     cfg = tiny_t2v()
     config = get_preset(cfg.dit_preset).replace(
-        num_layers=layers, in_channels=cfg.vae.latent_channels, text_dim_short=384, text_dim_long=128
+        num_layers=layers,
+        in_channels=cfg.vae.latent_channels,
+        text_dim_short=384,
+        text_dim_long=128,
     )
     model = build_dit(config, seed=0)
     frames = cfg.vae.latent_frames(cfg.data.frames)

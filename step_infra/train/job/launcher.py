@@ -388,6 +388,12 @@ def _predict(cfg: JobConfig, run_dir: Path, console: Console, *, auto_split: boo
         cfg = cfg.replace(vae_servers=vae, text_servers=text)
     pred.update(vae_servers=cfg.vae_servers, text_servers=cfg.text_servers)
     (run_dir / "prediction.json").write_text(json.dumps(pred, indent=2))
+    terms = pred.get("terms", {})
+    console.print(
+        f"  training step {terms.get('training_step_s', 0):.3f} s + data sync "
+        f"{terms.get('data_sync_s', 0):.3f} s + encoders on this host's cores "
+        f"{terms.get('encoders_on_host_s', 0):.3f} s"
+    )
     console.print(
         f"  predicted step {pred['step_time_s']:.3f} s ({pred['layout']}): trainers consume "
         f"{consumption:.1f} samples/s -> {cfg.vae_servers} VAE server(s) x {cfg.vae_rate:g}/s, "

@@ -128,6 +128,7 @@ def job_metrics(run_dir: str | Path) -> dict[str, Any]:
     if pred_path.exists():
         pred = json.loads(pred_path.read_text())
         out["predicted_step_s"] = round(pred["step_time_s"], 4)
+        out["prediction_terms"] = {k: round(v, 4) for k, v in pred.get("terms", {}).items()}
         if out.get("measured_step_s"):
             out["prediction_error"] = round(pred["step_time_s"] / out["measured_step_s"] - 1, 4)
     out["servers"] = servers(run_dir)
@@ -142,6 +143,17 @@ def _row(k: str, v: Any) -> str:
     return f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
 
 
+_TERM_NAMES = {
+    "training_step_s": "training step (emulator: compute, dispatch, TP/DP collectives, optimizer)",
+    "data_sync_s": "data sync (all-gather of sample holders)",
+    "encoders_on_host_s": "encoder servers' CPU on the trainers' cores",
+}
+
+
+def _terms(terms: dict[str, float]) -> str:
+    return "; ".join(f"{_TERM_NAMES.get(k, k)} {v:.3f} s" for k, v in terms.items()) or "-"
+
+
 def _job_section(run_dir: Path, m: dict[str, Any]) -> str:
     audit = m["audit"]
     verdict = (
@@ -154,6 +166,7 @@ def _job_section(run_dir: Path, m: dict[str, Any]) -> str:
         _row("data audit", f"{verdict}; {audit['steps_rerun_after_restart']} step(s) re-run after a restart"),
         _row("measured step (healthy, median)", f"{m.get('measured_step_s')} s over {m.get('healthy_steps')} steps"),
         _row("emulator prediction", f"{m.get('predicted_step_s')} s (error {m.get('prediction_error')})"),
+        _row("prediction terms", _terms(m.get("prediction_terms", {}))),
         _row("data stall (steady state)", m.get("data_stall_fraction")),
         _row("data stall (all steps, recovery included)", m.get("data_stall_fraction_all_steps")),
         _row("waiting for re-sprayed data after restarts", f"{m.get('recovery_wait_s')} s"),
