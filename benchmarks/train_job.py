@@ -43,6 +43,8 @@ def main() -> None:
         "data stall (steady state)": m.get("data_stall_fraction"),
         "data stall (all steps)": m.get("data_stall_fraction_all_steps"),
         "measured step s (healthy median)": m.get("measured_step_s"),
+        "steps beside a checkpoint write s (median)": m.get("checkpoint_step_s"),
+        "mean step s (every step)": m.get("mean_step_s_all"),
         "emulator step s": m.get("predicted_step_s"),
         "prediction terms s": m.get("prediction_terms"),
         "prediction error": m.get("prediction_error"),
