@@ -256,6 +256,13 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
     shard = params / np.where(c["dist_opt"] == 1, n_dp, 1.0)
     adam_bytes = 28.0 if model.dtype == "fp32" else 30.0
     optimizer = adam_bytes * shard / (hw.hbm_gb_s * GB)
+    # and the host's ops for it (zero grads, clip, Adam per tensor): a GPU runs them under the
+    # memory-bound kernels it queued, a CPU pays each op on top
+    update_ops = layers_stage * model.update_ops_per_layer + model.update_ops_outside_layers
+    update_dispatch = update_ops * hw.op_overhead_us * 1e-6
+    optimizer = (
+        np.maximum(optimizer, update_dispatch) if hw.async_dispatch else optimizer + update_dispatch
+    )
 
     # after the backward: gradients that are partial per TP rank (norm gains, biases and
     # modulation tables shared by the heads) summed over TP in one message (megatron-core's

@@ -22,6 +22,12 @@ from typing import Literal
 # dispatch is exposed.
 EAGER_DIT_OPS_PER_LAYER = 390
 EAGER_DIT_OPS_OUTSIDE_LAYERS = 335
+# Ops of one parameter update by the job's eager trainer, per rank: zero the gradients, the
+# global grad-norm clip, and a per-tensor AdamW step (16 parameter tensors a block; ~10 ops
+# each for Adam, 5 for the clip). A fused multi-tensor optimizer (megatron-core's, apex or TE
+# FusedAdam) issues a handful of launches for all of them: ``ModelSpec`` defaults to 0.
+EAGER_UPDATE_OPS_PER_LAYER = 256
+EAGER_UPDATE_OPS_OUTSIDE_LAYERS = 313
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,16 +70,21 @@ class ModelSpec:
     # framework ops per micro-batch (forward + backward): see EAGER_DIT_OPS_PER_LAYER
     ops_per_layer: int = EAGER_DIT_OPS_PER_LAYER
     ops_outside_layers: int = EAGER_DIT_OPS_OUTSIDE_LAYERS
+    # framework ops of one parameter update per rank (0: a fused optimizer); an eager
+    # per-tensor trainer sets EAGER_UPDATE_OPS_PER_LAYER / ..._OUTSIDE_LAYERS
+    update_ops_per_layer: int = 0
+    update_ops_outside_layers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{self.name}: {name} must be >= 1, got {getattr(self, name)}")
-        if min(self.ops_per_layer, self.ops_outside_layers) < 0:
-            raise ValueError(
-                f"{self.name}: ops_per_layer and ops_outside_layers must be >= 0, got "
-                f"{self.ops_per_layer}, {self.ops_outside_layers}"
-            )
+        for name in (
+            "ops_per_layer", "ops_outside_layers", "update_ops_per_layer",
+            "update_ops_outside_layers",
+        ):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{self.name}: {name} must be >= 0, got {getattr(self, name)}")
         if self.head_dim is None:
             if self.hidden % self.heads:
                 raise ValueError(

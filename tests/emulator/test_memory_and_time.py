@@ -156,3 +156,22 @@ def test_host_dispatch_hidden_behind_gpu_work_and_paid_on_a_cpu() -> None:
         ops * gpu.gpu.op_overhead_us * 1e-6
     )
     assert on_cpu.step_time_s > on_gpu.step_time_s
+
+
+def test_update_ops_paid_on_a_cpu_and_hidden_under_the_optimizer_on_a_gpu() -> None:
+    """An eager per-tensor optimizer's host ops: a CPU pays each one on top of Adam's memory
+    traffic; a GPU queues them and takes the longer of the two."""
+    import dataclasses
+
+    fused = ModelSpec(name="tiny", layers=2, hidden=64, heads=2, seq_len=16)
+    eager = dataclasses.replace(fused, update_ops_per_layer=256, update_ops_outside_layers=313)
+    gpu = cluster_for("h100-sxm", 8)
+    cpu = dataclasses.replace(gpu, gpu=dataclasses.replace(gpu.gpu, async_dispatch=False))
+    plan = Strategy(global_batch=8, micro_batch=1)
+    ops_s = (2 * 256 + 313) * gpu.gpu.op_overhead_us * 1e-6
+    t_cpu = {m.update_ops_per_layer: estimate(m, cpu, plan).breakdown for m in (fused, eager)}
+    assert t_cpu[256]["t_optimizer_s"] - t_cpu[0]["t_optimizer_s"] == pytest.approx(ops_s)
+    on_gpu = estimate(eager, gpu, plan).breakdown["t_optimizer_s"]
+    assert on_gpu == pytest.approx(max(t_cpu[0]["t_optimizer_s"], ops_s))
+    with pytest.raises(ValueError, match="update_ops_per_layer must be >= 0, got -1"):
+        dataclasses.replace(fused, update_ops_per_layer=-1)

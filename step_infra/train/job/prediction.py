@@ -3,7 +3,8 @@
 The launcher measures the machine (``step_infra.emulator.hwprobe``, a few seconds, cached in
 ``assets/hw_profile.json``) with as many ranks at once as the job runs here, and prices the
 job's layout with :func:`step_infra.emulator.predict_step` (compute, host dispatch, TP/DP
-collectives, optimizer). Two terms of this job on this host are added, each measured:
+collectives, optimizer; the trainer's eager per-tensor parameter update is priced by its
+ops, ``EAGER_UPDATE_OPS_*``). Two terms of this job on this host are added, each measured:
 
 - **data sync**: every step the trainers all-gather which replica holds which sample (the
   exact-batch stream, :mod:`step_infra.data.stream`): one small all-gather over the world,
@@ -184,15 +185,26 @@ def predict_job(cfg: JobConfig, profile: Path, *, vae_path: Path | None = None) 
     share of this host's cores."""
     from step_infra.emulator.hwprobe import calibrate, quick_config
     from step_infra.emulator.predict import predict_step
-    from step_infra.emulator.specs import ClusterSpec
+    from step_infra.emulator.presets import get_model
+    from step_infra.emulator.specs import (
+        EAGER_UPDATE_OPS_OUTSIDE_LAYERS,
+        EAGER_UPDATE_OPS_PER_LAYER,
+        ClusterSpec,
+    )
 
     if not _current_profile(profile):
         # every trainer rank of the job shares this host's cores: measure that many at once;
         # the TP collectives dominate this job, so time many of them (their mean is noisy)
         probe = dataclasses.replace(quick_config(threads=1), gloo_reps=120)
         calibrate(profile, cfg=probe, ranks_per_node=cfg.world_size)
+    # the job's trainer updates parameters tensor by tensor (eager AdamW, clip, zero grads)
+    spec = dataclasses.replace(
+        get_model(cfg.dit_preset),
+        update_ops_per_layer=EAGER_UPDATE_OPS_PER_LAYER,
+        update_ops_outside_layers=EAGER_UPDATE_OPS_OUTSIDE_LAYERS,
+    )
     est = predict_step(
-        cfg.dit_preset,
+        spec,
         profile,
         micro_batch=cfg.micro_batch,
         global_batch=cfg.global_batch,
