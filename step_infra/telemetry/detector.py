@@ -19,7 +19,8 @@ Why this shape:
 * two members (e.g. a 2-node job compared node by node): a peer median of two cannot say which
   one is slow, so each member's time relative to the other's is compared with what that ratio
   was over its first ``baseline_windows`` windows after warm-up; the member whose ratio grew
-  by the thresholds is blamed. Load shared by both (a data stall, a busy host) cancels out and
+  by the thresholds is blamed (``pair_max_sigma`` caps the spread that a few noisy baseline
+  windows can claim). Load shared by both (a data stall, a busy host) cancels out and
   blames nobody.
 """
 
@@ -52,6 +53,10 @@ class DetectorConfig:
     # Two members have no majority to tell jitter from a straggler: ask for a larger effect
     # (a +9 % blip on a shared 2-core host was seen; a slow node worth evicting is >= 15 %).
     pair_min_effect: float = 0.15
+    # Two members, noisy host: the baseline's spread, taken from a handful of windows, can be
+    # large enough (0.13 seen) that no slowdown reaches the z threshold. A cap makes a sustained
+    # slowdown of ``threshold x pair_max_sigma`` beyond the baseline ratio enough on its own.
+    pair_max_sigma: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.persist_k <= self.persist_n:
@@ -62,6 +67,8 @@ class DetectorConfig:
         for name in ("smooth_windows", "min_members"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DetectorConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.pair_max_sigma is not None and self.pair_max_sigma <= 0:
+            raise ValueError(f"pair_max_sigma must be > 0 or None, got {self.pair_max_sigma}")
         if self.warmup_windows < 0 or self.threshold <= 0 or self.min_effect < 0:
             raise ValueError(
                 "warmup_windows must be >= 0, threshold > 0 and min_effect >= 0; got "
@@ -157,6 +164,8 @@ class StragglerDetector:
             [np.median(np.abs(np.array(self._baseline[m]) - b)) for m, b in zip(ready, base, strict=True)]
         ) * MAD_TO_SIGMA  # fmt: skip
         sigma = max(float(np.max(spread)), cfg.mad_floor, 1e-12)
+        if cfg.pair_max_sigma is not None:
+            sigma = min(sigma, cfg.pair_max_sigma)
         rel = diff - base  # slowdown vs the others, beyond the baseline difference
         scores, effects = rel / sigma, np.exp(rel) - 1.0
         newly = self._persistent(

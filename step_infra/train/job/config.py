@@ -150,8 +150,9 @@ def encoder_split(
 
 def tiny_t2v() -> JobConfig:
     """The demo's job: tiny-dit, tp=2 x dp=2 on 2 nodes x 2 ranks + 1 hot spare, a node
-    slowed 30 % at step 12 and a trainer killed (-9) at step 40."""
-    return JobConfig(name="tiny-t2v", steps=60, faults=Faults(slow="node1:12:1.3", kill="node0:40"))
+    slowed 30 % at step 18 (after the straggler detector's warm-up and baseline windows) and a
+    trainer killed (-9) at step 40."""
+    return JobConfig(name="tiny-t2v", steps=60, faults=Faults(slow="node1:18:1.3", kill="node0:40"))
 
 
 def micro_t2v() -> JobConfig:
