@@ -35,6 +35,26 @@ def test_feed_releases_complete_steps_in_order() -> None:
     assert feed.complete(["a", "b"]) == [(1, 1, {"a": 0.3, "b": 0.4})]
 
 
+def test_feed_does_not_stall_on_a_step_a_node_computed_nothing_in() -> None:
+    """A replica assigned none of a step's samples records no compute for it: once that node
+    reports a later step, the step goes out with the other node's value alone."""
+    feed = StepFeed()
+    rows = pd.DataFrame(
+        {
+            "attempt": [1, 1, 1, 1, 1],
+            "step": [0, 0, 1, 1, 1],
+            "node": ["b", "a", "a", "b", "a"],
+            "kind": ["section"] * 5,
+            "name": ["compute", "batch_sync", "compute", "compute", "batch_sync"],
+            "value": [0.2, 0.01, 0.3, 0.4, 0.01],
+        }
+    )
+    feed.add(rows.iloc[:2])
+    assert feed.complete(["a", "b"]) == []  # a's step 0 may still be on its way
+    feed.add(rows.iloc[2:])
+    assert feed.complete(["a", "b"]) == [(1, 0, {"b": 0.2}), (1, 1, {"a": 0.3, "b": 0.4})]
+
+
 def test_worker_env_rejects_a_bad_slow_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STEP_INFRA_RUN_DIR", "/tmp/x")
     monkeypatch.setenv("STEP_INFRA_NODE", "node1")
