@@ -44,7 +44,12 @@ def test_ctrl_c_stops_everything_and_the_same_command_resumes(
 ) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        _train(run_dir, "--fresh"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        _train(run_dir, "--fresh"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # a shell runs background jobs with SIGINT ignored, and Python then installs no
+        # KeyboardInterrupt handler: give the job the terminal's default, as Ctrl-C finds it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

@@ -16,17 +16,24 @@ from step_infra.telemetry.toy_worker import reference_losses
 from step_infra.telemetry.worker_support import WorkerEnv
 
 
+def _section_rows(*rows: tuple[int, str, str, float]) -> pd.DataFrame:
+    """Store rows of attempt 1: (step, node, section name, seconds)."""
+    steps, nodes, names, values = zip(*rows, strict=True)
+    n = len(rows)
+    return pd.DataFrame(
+        {"attempt": [1] * n, "step": steps, "node": nodes, "kind": ["section"] * n,
+         "name": names, "value": values}
+    )  # fmt: skip
+
+
 def test_feed_releases_complete_steps_in_order() -> None:
     feed = StepFeed()
-    rows = pd.DataFrame(
-        {
-            "attempt": [1, 1, 1, 1, 1],
-            "step": [0, 0, 1, 1, 0],
-            "node": ["a", "b", "a", "b", "a"],
-            "kind": ["section"] * 5,
-            "name": ["compute"] * 4 + ["other"],
-            "value": [0.1, 0.2, 0.3, 0.4, 9.0],
-        }
+    rows = _section_rows(
+        (0, "a", "compute", 0.1),
+        (0, "b", "compute", 0.2),
+        (1, "a", "compute", 0.3),
+        (1, "b", "compute", 0.4),
+        (0, "a", "other", 9.0),
     )
     feed.add(rows.iloc[:3])
     assert [s for _, s, _ in feed.complete(["a", "b"])] == [0]
@@ -39,15 +46,12 @@ def test_feed_does_not_stall_on_a_step_a_node_computed_nothing_in() -> None:
     """A replica assigned none of a step's samples records no compute for it: once that node
     reports a later step, the step goes out with the other node's value alone."""
     feed = StepFeed()
-    rows = pd.DataFrame(
-        {
-            "attempt": [1, 1, 1, 1, 1],
-            "step": [0, 0, 1, 1, 1],
-            "node": ["b", "a", "a", "b", "a"],
-            "kind": ["section"] * 5,
-            "name": ["compute", "batch_sync", "compute", "compute", "batch_sync"],
-            "value": [0.2, 0.01, 0.3, 0.4, 0.01],
-        }
+    rows = _section_rows(
+        (0, "b", "compute", 0.2),
+        (0, "a", "batch_sync", 0.01),
+        (1, "a", "compute", 0.3),
+        (1, "b", "compute", 0.4),
+        (1, "a", "batch_sync", 0.01),
     )
     feed.add(rows.iloc[:2])
     assert feed.complete(["a", "b"]) == []  # a's step 0 may still be on its way
