@@ -94,8 +94,9 @@ def step_metrics(run_dir: Path, cfg: JobConfig) -> dict[str, Any]:
     # serialization take this host's cores): an I/O event the emulator's training step does
     # not price, measured on its own below
     saving = {s for s in per_step.index if s > 0 and s % cfg.checkpoint_every == 0}
-    healthy = [s for s in per_step.index if s not in excluded | slowed | saving]
-    checkpointed = [s for s in per_step.index if s in saving and s not in excluded | slowed]
+    unsteady = excluded | slowed
+    healthy = [s for s in per_step.index if s not in unsteady and s not in saving]
+    checkpointed = [s for s in per_step.index if s in saving and s not in unsteady]
     steady = [s for s in per_step.index if s not in excluded]
     loss = df[(df["kind"] == "gauge") & (df["name"] == "loss")].groupby("step")["value"].first()
 
