@@ -40,6 +40,9 @@ def main() -> None:
             nodes=3,
             spares=1,
             slow=f"node1:{args.slow_at}:{args.factor}",
+            # A toy job of a few dozen steps: no eviction pays for its restart here, so it
+            # evicts on the detection (margin 0) to show the machinery; jobs price it.
+            eviction_margin=0.0,
         )
         result = run_elastic_job(cfg)
         events = read_events(run_dir)

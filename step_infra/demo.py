@@ -68,8 +68,8 @@ def stage_plan(out: Path, console: Console) -> dict[str, str]:
 
 def stage_train(out: Path, console: Console) -> dict[str, str]:
     """The main job: encoder servers stream over StepRPC to 2 nodes x 2 trainer ranks + a hot
-    spare; a node is slowed 30 % (detected, evicted, the spare joins) and later a trainer is
-    killed with -9 (recovered from the last durable checkpoint). Then the same job runs
+    spare; a node is throttled to a third of its speed (detected, priced, evicted, the spare
+    joins) and later a trainer is killed with -9 (recovered from the last durable checkpoint). Then the same job runs
     briefly with one VAE server fewer, to show what an under-sized encoder split costs."""
     from step_infra.train.job.config import Faults, tiny_t2v
     from step_infra.train.job.launcher import run_training_job
@@ -99,9 +99,15 @@ def stage_train(out: Path, console: Console) -> dict[str, str]:
         shutil.rmtree(small_dir, ignore_errors=True)
         (small_dir / "assets").mkdir(parents=True)
         shutil.copy(run_dir / "assets" / "vae.pt", small_dir / "assets" / "vae.pt")
-        run_training_job(
+        fewer_result = run_training_job(
             fewer, small_dir, console=console, sample=False, report=False, predict=False
         )
+        if fewer_result.elastic is not None and fewer_result.elastic.evicted:
+            # No fault was injected: an eviction here is a false one, and a bug.
+            raise DemoStageError(
+                f"the fault-free run evicted {fewer_result.elastic.evicted} "
+                f"(events in {small_dir / 'events.jsonl'})"
+            )
         runs.append(_encoder_run(fewer, job_metrics(small_dir)))
     (run_dir / "encoder_experiment.json").write_text(json.dumps({"runs": runs}, indent=2))
     for r in runs:

@@ -5,6 +5,12 @@ store (:func:`rendezvous_store`), agents join it with ``is_host=false`` and
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``. Each agent runs in its own process group, so
 stopping it (SIGTERM, then SIGKILL after a grace period) also stops its workers, and nothing
 else on the machine is touched.
+
+A *hung* node needs more: torchrun starts every worker in a session of its own, and a worker
+that is stopped (SIGSTOP) keeps the SIGTERM the agent relays pending until it is continued. So
+:func:`kill_agent` SIGKILLs the agent's group and then the workers by pid, each pid checked to
+carry the launch's id in its environment (:func:`is_launch_process`) so that a recycled pid is
+never hit.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
+
+from step_infra.telemetry.worker_support import LAUNCH_ENV
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,3 +146,35 @@ def stop_agent(agent: Agent, *, grace_s: float = 5.0) -> None:
                 os.killpg(agent.proc.pid, signal.SIGKILL)
             agent.proc.wait(timeout=grace_s)
     agent.log_file.close()
+
+
+def is_launch_process(pid: int, launch: str) -> bool:
+    """Whether ``pid`` is alive and was started with ``STEP_INFRA_LAUNCH=launch`` (Linux
+    ``/proc``; elsewhere, or for another user's process, False: then nothing is killed)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"{LAUNCH_ENV}={launch}".encode() in environ.split(b"\0")
+
+
+def kill_workers(pids: Iterable[int], *, launch: str) -> list[int]:
+    """SIGKILL the worker processes ``pids`` of ``launch`` (a stopped process ignores
+    everything else); returns the pids that were killed."""
+    killed = []
+    for pid in sorted(set(pids)):
+        if launch and is_launch_process(pid, launch):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+def kill_agent(agent: Agent, *, worker_pids: Iterable[int], launch: str) -> list[int]:
+    """Stop a hung node now: SIGKILL its agent's process group (so it restarts nothing), then
+    its workers by pid; returns the worker pids killed."""
+    if agent.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.proc.pid, signal.SIGKILL)
+        agent.proc.wait(timeout=10)
+    return kill_workers(worker_pids, launch=launch)

@@ -16,10 +16,22 @@ rendezvous) and the controller activates one right after an eviction. Waiting in
 rendezvous would break crash recovery: a worker that crashes sends every agent back to the
 rendezvous with the spare there too, and torch 2.13 then restarts the workers over and over.
 
-The loop here watches (a) the telemetry store, feeding per-node compute times to the
-:class:`StragglerDetector`, (b) heartbeats, with a separate timeout for checkpoint phases so
+The loop here watches (a) the telemetry store, feeding per-rank compute times to the
+:class:`StragglerDetector` and pricing each detection (:mod:`~step_infra.telemetry.watch`:
+an eviction happens only when it saves more than it costs), (b) heartbeats, with a separate timeout for checkpoint phases so
 a long save is not taken for a hang, and (c) the events workers write (starts, resumes),
 and it writes every detection, eviction, restart and join to ``events.jsonl``.
+
+Every launch gets an id of its own (``STEP_INFRA_LAUNCH``, in every worker's heartbeats and
+events) and reads only the events appended after its start: a run directory resumed after a
+Ctrl-C still holds the interrupted launch's heartbeats and events, and judging liveness,
+membership or progress from them declared the resumed job hung before its workers started.
+
+A hang is recovered, not fatal: the heartbeats name the rank (a frozen one stops its liveness
+pulse; a stuck but live one lags the ranks that wait for it at the collective), the controller
+SIGKILLs it and either puts a standby spare in its node's place (as an eviction does) or lets
+TorchElastic restart every worker from the last checkpoint. The job fails only once more than
+``restarts_without_progress`` restarts in a row brought no new step.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +49,25 @@ from step_infra.telemetry.agents import (
     Agent,
     AgentLaunch,
     activate_spare,
+    kill_agent,
+    kill_workers,
     rendezvous_store,
     start_agent,
     stop_agent,
 )
-from step_infra.telemetry.detector import DetectorConfig, StragglerDetector
+from step_infra.telemetry.detector import DetectorConfig
 from step_infra.telemetry.events import EventLog, read_events
-from step_infra.telemetry.feed import StepFeed
 from step_infra.telemetry.policy import EvictionPolicy, make_policy
 from step_infra.telemetry.store import StoreTail
-from step_infra.telemetry.worker_support import NODE_ENV, RUN_DIR_ENV, SLOW_ENV, read_heartbeats
+from step_infra.telemetry.watch import StragglerWatch, WatchState
+from step_infra.telemetry.worker_support import (
+    LAUNCH_ENV,
+    NODE_ENV,
+    PULSE_S,
+    RUN_DIR_ENV,
+    SLOW_ENV,
+    read_heartbeats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +89,21 @@ class ElasticConfig:
     max_evictions: int = 1
     detector: DetectorConfig = field(
         default_factory=lambda: DetectorConfig(
-            # A handful of nodes: their MAD is a poor spread estimate, so floor it at 2 %.
-            warmup_windows=5,
-            smooth_windows=3,
-            persist_k=2,
-            persist_n=3,
-            threshold=4.0,
+            # A handful of ranks on a shared host: floor their spread at 2 %.
+            warmup_steps=5,
+            window_steps=3,
+            persist_k=3,
+            persist_n=4,
             mad_floor=0.02,
         )
     )
     section: str = "compute"  # the compute-only section the detector compares
+    signal: str = "compute"  # or "arrival": step time less the waits at collectives
+    steps_total: int | None = None  # the job's length, for the cost of an eviction
+    # Seconds an eviction costs before the job is back at work; None: the time this launch
+    # took to its first step until a restart is measured (then that restart's time).
+    restart_cost_s: float | None = None
+    eviction_margin: float = 1.0  # evict when saving > margin x cost
     agent_max_restarts: int = 5  # torchrun --max-restarts
     rdzv_keep_alive_s: float = 1.0  # an evicted agent is dropped from the rendezvous after
     rdzv_keep_alive_misses: int = 5  # ... this many missed keep-alives
@@ -134,10 +161,21 @@ class ElasticController:
             config.policy,
             max_evictions=config.max_evictions,
             require_spare=config.min_size == config.nodes,
+            margin=config.eviction_margin,
         )
-        self.events = EventLog(self.run_dir, source="controller")
-        self.detector = StragglerDetector(config.detector)
-        self.feed = StepFeed(section=config.section)
+        # This launch's id: only heartbeats and events that carry it are this job's.
+        self.launch = uuid.uuid4().hex[:12]
+        self.events = EventLog(self.run_dir, source="controller", context={"launch": self.launch})
+        self.watch = StragglerWatch(
+            config.detector,
+            self.policy,
+            self.events,
+            section=config.section,
+            signal=config.signal,
+            steps_total=config.steps_total,
+            restart_s=config.restart_cost_s or 30.0,
+        )
+        self._last_durable_step = -1
         self.tail = StoreTail(self.run_dir)
         self.agents: dict[str, Agent] = {}
         self._store: Any = None
@@ -149,6 +187,9 @@ class ElasticController:
         self._restarts_without_progress = 0
         self._detected_at: float | None = None
         self._restarting_since: float | None = None  # eviction done, new generation not yet
+        self._hang_at: float | None = None  # a hang was recovered, its first step not yet seen
+        self._hang_generation = 0  # the generation that hung
+        self._last_hang: str | None = None  # what the last hang was, for the failure reason
         self.result = ElasticResult(ok=False, reason="not run")
 
     # --------------------------------------------------------------- agents
@@ -167,7 +208,9 @@ class ElasticController:
             last_call_s=c.rdzv_last_call_s if c.min_size < c.nodes else 1.0,
         )
         env = dict(c.extra_env)
-        env.update({RUN_DIR_ENV: str(self.run_dir.resolve()), NODE_ENV: name})
+        env.update(
+            {RUN_DIR_ENV: str(self.run_dir.resolve()), NODE_ENV: name, LAUNCH_ENV: self.launch}
+        )
         if c.slow:
             env[SLOW_ENV] = c.slow
         agent = start_agent(name, launch, env=env, log_dir=self.run_dir / "logs", spare=spare)
@@ -180,6 +223,8 @@ class ElasticController:
         t_start = time.monotonic()
         self._store = rendezvous_store()
         port = int(self._store.port)
+        # Events already in the file are an earlier launch's (a resume after Ctrl-C): skip them.
+        self._events_seen = len(read_events(self.run_dir))
         self.events.emit(
             "job_start",
             nodes=c.nodes,
@@ -192,14 +237,24 @@ class ElasticController:
             for i in range(c.nodes):
                 self._start_agent(f"node{i}", port, spare=False)
             self._wait_first_step(t_start)
+            if c.restart_cost_s is None:  # until a restart is measured, price one as a start
+                self.watch.restart_s = round(time.monotonic() - t_start, 2)
             for i in range(c.spares):  # spares start once the job formed: they wait
                 self._start_agent(f"spare{i}", port, spare=True)
             self.result = self._loop(t_start)
-        except _JobError as exc:
-            self.result = ElasticResult(ok=False, reason=str(exc))
+        except _JobError as exc:  # keep what happened before the failure: it explains it
+            self.result = ElasticResult(
+                ok=False,
+                reason=str(exc),
+                evicted=self.result.evicted,
+                restarts=self.result.restarts,
+                last_step=self._last_step,
+                detection_to_resume_s=self.result.detection_to_resume_s,
+            )
         finally:
             for agent in self.agents.values():
                 stop_agent(agent)
+            self._kill_leftover_workers()
             self.result.wall_s = round(time.monotonic() - t_start, 2)
             self.events.emit(
                 "job_end",
@@ -263,6 +318,8 @@ class ElasticController:
                     and self.result.detection_to_resume_s is None
                 ):
                     self.result.detection_to_resume_s = round(time.time() - self._detected_at, 2)
+                    if c.restart_cost_s is None:
+                        self.watch.restart_s = self.result.detection_to_resume_s
                     self.events.emit(
                         "recovered",
                         step=ev["step"],
@@ -281,29 +338,16 @@ class ElasticController:
                 )
             self._check_agents()
             self._check_heartbeats(evicted)
-            self.feed.add(self.tail.poll())
-            active = self._active()
-            for generation, step, values in self.feed.complete(active):
-                if generation != self._generation:
-                    continue
-                detections = self.detector.observe(step, values)
-                for det in detections:
-                    self._detected_at = self._detected_at or time.time()
-                    self.events.emit(
-                        "detection",
-                        level=det.level,
-                        target=det.target,
-                        node=det.node,
-                        step=step,
-                        generation=generation,
-                        score=round(det.score, 2),
-                        effect=round(det.effect, 4),
-                        evidence=det.evidence,
-                    )
-                spares_left = len(self._standby())
-                for decision in self.policy.decide(detections, spares_left=spares_left):
-                    self._evict(decision.node, decision.reason, decision.detection.evidence)
-                    evicted.append(decision.node)
+            state = WatchState(
+                generation=self._generation,
+                active_nodes=self._active(),
+                last_durable_step=self._last_durable_step,
+                spares_left=len(self._standby()),
+            )
+            for decision in self.watch.poll(self.tail.poll(), state):
+                self._detected_at = self._detected_at or time.time()
+                self._evict(decision.node, decision.reason, decision.detection.evidence)
+                evicted.append(decision.node)
             self.result.evicted = evicted
             time.sleep(c.poll_interval_s)
 
@@ -330,8 +374,16 @@ class ElasticController:
         ]
 
     def _poll_events(self) -> list[dict[str, Any]]:
+        """This launch's worker events appended since the last poll, applied to membership,
+        generation and progress. Another launch's events (an interrupted run's, or a worker
+        of it still alive) are skipped: they would lend this job their generation, members
+        and steps."""
         events = read_events(self.run_dir)
-        new = events[self._events_seen :]
+        new = [
+            ev
+            for ev in events[self._events_seen :]
+            if ev.get("launch") == self.launch and ev.get("source") != "controller"
+        ]
         self._events_seen = len(events)
         for ev in new:
             kind = ev["event"]
@@ -353,17 +405,21 @@ class ElasticController:
                             grad_accum=ev["grad_accum"],
                             restarts_without_progress=self._restarts_without_progress,
                         )
-                        self.detector.reset()
-                        self.feed.drop_attempts_before(gen)
+                        self.watch.restart(gen)
                     self._generation = gen
                     self._restarting_since = None
                 self._members[str(ev["node"])] = gen
             if kind in ("checkpoint", "resumed", "worker_done"):
                 self._last_step = max(self._last_step, int(ev.get("step", -1)))
+            if kind == "checkpoint" and ev.get("durable", True):
+                self._last_durable_step = max(self._last_durable_step, int(ev.get("step", -1)))
         limit = self.config.restarts_without_progress
         if self._restarts_without_progress > limit:
+            after_hang = self._hang_at is not None and self._last_hang  # not recovered since
+            why = f"; the last one followed a hang: {self._last_hang}" if after_hang else ""
             raise _JobError(
-                f"{self._restarts_without_progress} restarts without progress (> {limit})"
+                f"{self._restarts_without_progress} restarts without progress (> {limit}), "
+                f"none got past step {self._last_step}{why}"
             )
         return new
 
@@ -401,16 +457,12 @@ class ElasticController:
                     f"no restart within startup_timeout_s={self.config.startup_timeout_s}"
                 )
             return
-        active = set(self._active())
-        beats = [
-            hb
-            for hb in read_heartbeats(self.run_dir)
-            if hb.get("generation") == self._generation and str(hb["node"]) in active
-        ]
+        beats = self._current_beats()
         if not beats:
             return
         for hb in beats:
-            self._last_step = max(self._last_step, int(hb["step"]))
+            self._last_step = max(self._last_step, completed_step(hb))
+        self._note_hang_recovered(beats)
         # Synchronous data parallelism: one stuck rank stalls every other rank at its next
         # collective, so the job is hung when even the *newest* heartbeat is too old. While a
         # rank saves or loads a checkpoint the others wait for it: the checkpoint timeout
@@ -419,30 +471,166 @@ class ElasticController:
         in_checkpoint = any(hb.get("phase") in ("save", "load") for hb in beats)
         limit = self.config.checkpoint_timeout_s if in_checkpoint else self.config.step_timeout_s
         silent = now - float(newest["t_unix_s"])
-        if silent > limit:
-            phase = "checkpoint" if in_checkpoint else "step"
-            self.events.emit(
-                "hang",
-                phase=phase,
-                silent_s=round(silent, 1),
-                timeout_s=limit,
-                step=self._last_step,
-                evidence={
-                    "heartbeats": {
-                        f"{hb['node']}/r{hb['rank']}": {
-                            "step": hb["step"],
-                            "phase": hb.get("phase"),
-                            "age_s": round(now - float(hb["t_unix_s"]), 1),
-                        }
-                        for hb in beats
-                    }
-                },
+        if silent <= limit:
+            return
+        phase = "checkpoint" if in_checkpoint else "step"
+        hung, how = hung_ranks(beats, now=now, frozen_after_s=max(limit / 2, 3 * PULSE_S))
+        nodes = sorted({str(hb["node"]) for hb in hung})
+        spare = self._standby()[0].name if len(nodes) == 1 and self._standby() else None
+        action = (
+            f"evict {nodes[0]}, {spare} takes its place"
+            if spare
+            else "restart every worker from the last checkpoint"
+        )
+        who = ", ".join(rank_name(hb) for hb in hung) or "no single rank"
+        self._last_hang = (
+            f"job silent for {silent:.0f} s > {limit} s in phase {phase!r} after step "
+            f"{self._last_step}; hung: {who} ({how})"
+        )
+        evidence = {
+            "how": how,
+            "heartbeats": {
+                rank_name(hb): {
+                    "step": hb["step"],
+                    "phase": hb.get("phase"),
+                    "age_s": round(now - float(hb["t_unix_s"]), 1),
+                    "pulse_age_s": round(now - _alive_unix_s(hb), 1),
+                    "pid": hb.get("pid"),
+                }
+                for hb in beats
+            },
+        }
+        self.events.emit(
+            "hang",
+            phase=phase,
+            silent_s=round(silent, 1),
+            timeout_s=limit,
+            step=self._last_step,
+            generation=self._generation,
+            node=nodes[0] if len(nodes) == 1 else None,
+            ranks=[rank_name(hb) for hb in hung],
+            action=action,
+            evidence=evidence,
+        )
+        self._recover_from_hang(beats, hung, evict_node=nodes[0] if spare else None)
+        if spare:
+            self._evict(nodes[0], f"hang: {self._last_hang}", evidence)
+            evicted.append(nodes[0])
+
+    def _current_beats(self) -> list[dict[str, Any]]:
+        """Heartbeats of this launch's current generation from its active nodes; files that
+        an earlier launch or generation left behind say nothing about this one."""
+        active = set(self._active())
+        return [
+            hb
+            for hb in read_heartbeats(self.run_dir)
+            if hb.get("launch") == self.launch
+            and hb.get("generation") == self._generation
+            and str(hb.get("node")) in active
+        ]
+
+    def _recover_from_hang(
+        self,
+        beats: Sequence[Mapping[str, Any]],
+        hung: Sequence[Mapping[str, Any]],
+        *,
+        evict_node: str | None,
+    ) -> None:
+        """Kill what hangs. With ``evict_node`` (a spare will take its place) that node's
+        agent and workers go (the caller then evicts it); otherwise SIGKILL the hung workers (every worker, when no rank could be
+        blamed) and TorchElastic restarts all of them from the last checkpoint: the other
+        ranks fail the collective they wait in, and the agents form a new generation."""
+        self._hang_at = time.time()
+        self._hang_generation = self._generation
+        if evict_node is not None:
+            pids = [int(hb["pid"]) for hb in beats if hb.get("node") == evict_node and "pid" in hb]
+            kill_agent(self.agents[evict_node], worker_pids=pids, launch=self.launch)
+            return
+        pids = [int(hb["pid"]) for hb in (hung or beats) if "pid" in hb]
+        killed = kill_workers(pids, launch=self.launch)
+        if not killed:
+            raise _JobError(
+                f"{self._last_hang}; could not stop the hung workers (pids {pids} are gone or "
+                "not this launch's), so no restart can follow"
             )
-            raise _JobError(f"job silent for {silent:.0f} s > {limit} s in phase {phase!r}")
+        self._restarting_since = time.time()
+
+    def _note_hang_recovered(self, beats: list[dict[str, Any]]) -> None:
+        """After a hang, the first step a newer generation completes is the recovery."""
+        if self._hang_at is None or self._generation <= self._hang_generation:
+            return
+        done = [completed_step(hb) for hb in beats if hb.get("phase") == "step"]
+        if not done:
+            return
+        self.events.emit(
+            "recovered",
+            cause="hang",
+            step=max(done),
+            generation=self._generation,
+            hang_to_resume_s=round(time.time() - self._hang_at, 2),
+        )
+        self._hang_at = None
+
+    def _kill_leftover_workers(self) -> None:
+        """No worker of this launch may outlive the job: one that is frozen (SIGSTOP) keeps
+        the SIGTERM its agent relayed pending, and torchrun started it in its own session."""
+        pids = [
+            int(hb["pid"])
+            for hb in read_heartbeats(self.run_dir)
+            if hb.get("launch") == self.launch and "pid" in hb
+        ]
+        killed = kill_workers(pids, launch=self.launch)
+        if killed:
+            log.warning("killed workers that outlived their agents: %s", killed)
+            self.events.emit("workers_killed", pids=killed)
 
 
 class _JobError(RuntimeError):
     pass
+
+
+# Order of the phases a rank passes within one step number: the gradient collective of step
+# s comes before its "step" heartbeat (s done), and a save of s after it.
+_PHASE_ORDER = {"load": 0, "collective": 1, "step": 2, "save": 3}
+
+
+def completed_step(hb: Mapping[str, Any]) -> int:
+    """The last step a heartbeat's rank finished (at the collective of s: s - 1)."""
+    step = int(hb.get("step", -1))
+    return step - 1 if hb.get("phase") == "collective" else step
+
+
+def rank_name(hb: Mapping[str, Any]) -> str:
+    return f"{hb.get('node')}/r{hb.get('rank')}"
+
+
+def _alive_unix_s(hb: Mapping[str, Any]) -> float:
+    """When the rank last pulsed (a heartbeat written without a pulse: its progress time)."""
+    return float(hb.get("alive_unix_s", hb["t_unix_s"]))
+
+
+def hung_ranks(
+    beats: Sequence[Mapping[str, Any]], *, now: float, frozen_after_s: float
+) -> tuple[list[Mapping[str, Any]], str]:
+    """The ranks a hang is on, and how they were told from the ranks waiting for them.
+
+    "frozen": the rank stopped pulsing (SIGSTOP, killed host, the GIL held) while the others,
+    blocked in a collective, still pulse. "behind": every rank pulses, but these are at an
+    earlier step or phase than the rest, who wait for them at the collective. "unknown": all
+    at the same point (or all frozen): nobody to blame, and every rank must restart.
+    """
+    frozen = [hb for hb in beats if now - _alive_unix_s(hb) > frozen_after_s]
+    if frozen and len(frozen) < len(beats):
+        return frozen, "frozen"
+
+    def progress(hb: Mapping[str, Any]) -> tuple[int, int]:
+        return int(hb.get("step", -1)), _PHASE_ORDER.get(str(hb.get("phase")), 2)
+
+    lead = max(progress(hb) for hb in beats)
+    behind = [hb for hb in beats if progress(hb) < lead]
+    if behind:
+        return behind, "behind"
+    return [], "unknown"
 
 
 def run_elastic_job(config: ElasticConfig, policy: EvictionPolicy | None = None) -> ElasticResult:

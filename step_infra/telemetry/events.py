@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,23 @@ def events_path(run_dir: str | Path) -> Path:
 
 
 class EventLog:
-    """Appends events to ``<run_dir>/events.jsonl``; safe to use from several processes."""
+    """Appends events to ``<run_dir>/events.jsonl``; safe to use from several processes.
 
-    def __init__(self, run_dir: str | Path, *, source: str) -> None:
+    ``context`` fields go into every event (a worker's launch id, so the controller of a
+    later launch in the same run directory can tell its own workers' events from old ones)."""
+
+    def __init__(
+        self, run_dir: str | Path, *, source: str, context: Mapping[str, Any] | None = None
+    ) -> None:
         self.path = events_path(run_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.source = source
+        self.context = dict(context or {})
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write one event line and return the object written."""
         record = {"t_unix_s": round(time.time(), 4), "event": event, "source": self.source}
+        record.update(self.context)
         record.update(fields)
         line = (json.dumps(record, default=_jsonable, sort_keys=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

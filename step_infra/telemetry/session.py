@@ -7,9 +7,13 @@ four sources, all written here so a trainer cannot get them subtly wrong:
   tags telemetry rows so a step re-run after a resume never mixes with its first run;
 * ``events.jsonl``: ``worker_start`` (membership, resume step, gradient accumulation),
   ``resumed`` (first step after a restart, with its loss), ``checkpoint`` and ``worker_done``;
-* heartbeats with the current phase (``load``, ``step``, ``save``), so checkpoint phases get
-  their own timeout;
+* heartbeats with the current phase (``load``, ``step``, ``collective``, ``save``), so
+  checkpoint phases get their own timeout, with a liveness pulse, so a frozen rank is told
+  from the ranks waiting for it (:class:`~step_infra.telemetry.worker_support.Heartbeat`);
 * the telemetry store, through a :class:`Recorder` whose ``attempt`` is the generation.
+
+Events and heartbeats carry the controller's launch id, so a controller resuming in the same
+run directory never mistakes an interrupted launch's files for its own workers.
 
 Usage (after ``dist.init_process_group``)::
 
@@ -17,7 +21,8 @@ Usage (after ``dist.init_process_group``)::
     state = session.load()              # None on a fresh start
     with session.recorder() as rec:
         for step in range(session.start_step, steps):
-            ...                          # rec.section("compute"), rec.collective(...)
+            ...                          # rec.section("compute")
+            session.at_collective(step)      # then rec.collective(...)
             session.step_done(rec, step, loss=loss, tokens=tokens)
             if step % every == 0:
                 session.checkpoint(step, state_dict, loss=loss)
@@ -34,11 +39,11 @@ from step_infra.telemetry.events import EventLog
 from step_infra.telemetry.recorder import Recorder, RecorderConfig
 from step_infra.telemetry.store import ParquetStore
 from step_infra.telemetry.worker_support import (
+    Heartbeat,
     WorkerEnv,
     load_latest_checkpoint,
     next_generation,
     save_checkpoint,
-    write_heartbeat,
 )
 
 
@@ -64,6 +69,7 @@ class ElasticSession:
     grad_accum: int
     global_batch: int
     events: EventLog
+    heartbeat: Heartbeat
     start_step: int = 0
     resumed: bool = False
     _announced: bool = field(default=False, repr=False)
@@ -79,14 +85,18 @@ class ElasticSession:
         accum = grad_accumulation(global_batch, micro_batch, world)
         gen = torch.tensor([next_generation(env.run_dir) if rank == 0 else 0])
         dist.broadcast(gen, src=0)
+        generation = int(gen.item())
         return cls(
             env=env,
             rank=rank,
             world_size=world,
-            generation=int(gen.item()),
+            generation=generation,
             grad_accum=accum,
             global_batch=global_batch,
-            events=EventLog(env.run_dir, source=f"{env.node}/rank{rank}"),
+            events=EventLog(
+                env.run_dir, source=f"{env.node}/rank{rank}", context={"launch": env.launch}
+            ),
+            heartbeat=Heartbeat(env, generation=generation),
         )
 
     def load(
@@ -95,7 +105,7 @@ class ElasticSession:
         """Load the latest checkpoint (``state["step"]`` = last completed step) and announce
         this worker; sets :attr:`start_step`. ``loader`` replaces the default ``torch.load``
         of the run's checkpoint (e.g. a distributed checkpoint; it is called on every rank)."""
-        write_heartbeat(self.env, step=-1, phase="load", generation=self.generation)
+        self.heartbeat.beat(step=-1, phase="load")
         state = (loader or (lambda: load_latest_checkpoint(self.env.run_dir)))()
         if state is not None:
             self.start_step = int(state["step"]) + 1
@@ -138,19 +148,25 @@ class ElasticSession:
                 grad_accum=self.grad_accum,
             )
         self._announced = True
-        write_heartbeat(self.env, step=step, phase="step", generation=self.generation)
+        self.heartbeat.beat(step=step, phase="step")
+
+    def at_collective(self, step: int) -> None:
+        """Heartbeat on reaching ``step``'s gradient collective. Ranks that wait there for a
+        stuck rank are then one phase ahead of it, which names the stuck one in a hang."""
+        self.heartbeat.beat(step=step, phase="collective")
 
     def checkpoint(self, step: int, state: dict[str, Any], *, loss: float) -> None:
         """Rank 0 saves ``state`` (plus ``step``) atomically; others return at once."""
         if self.rank != 0:
             return
-        write_heartbeat(self.env, step=step, phase="save", generation=self.generation)
+        self.heartbeat.beat(step=step, phase="save")
         save_checkpoint(self.env.run_dir, step, {**state, "step": step})
         self.events.emit("checkpoint", step=step, loss=loss)
-        write_heartbeat(self.env, step=step, phase="step", generation=self.generation)
+        self.heartbeat.beat(step=step, phase="step")
 
     def done(self, last_step: int) -> None:
-        """Tell the controller the job finished (rank 0)."""
+        """Tell the controller the job finished (rank 0) and stop this rank's pulse."""
+        self.heartbeat.close()
         if self.rank == 0:
             self.events.emit(
                 "worker_done", node=self.env.node, step=last_step, generation=self.generation

@@ -41,6 +41,9 @@ def run_eviction_story(
         spares=spares,
         min_nodes=min_nodes,
         slow=f"node1:{slow_at}:{factor}",
+        # A toy job of a few dozen steps: no eviction pays for its restart here, so it
+        # evicts on the detection (margin 0) to show the machinery; jobs price it.
+        eviction_margin=0.0,
     )
     console.print(
         f"3 agents + {spares} spare(s); node1 becomes {factor}x slower at step {slow_at} ..."

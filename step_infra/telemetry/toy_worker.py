@@ -25,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from step_infra.telemetry.session import ElasticSession
-from step_infra.telemetry.worker_support import write_heartbeat
 
 DIM = 16
 
@@ -126,6 +125,7 @@ def main() -> None:
                 budget = args.compute_s * env.slowdown(step)
                 time.sleep(max(0.0, budget - (time.perf_counter() - t0)))
             grads = [p.grad for p in model.parameters() if p.grad is not None]
+            session.at_collective(step)
             with rec.collective("grad_allreduce"):
                 flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([local])])
                 dist.all_reduce(flat)
@@ -138,7 +138,7 @@ def main() -> None:
             session.step_done(rec, step, loss=loss, tokens=args.global_batch / world)
             if step % args.checkpoint_every == 0:
                 if rank == 0 and args.save_delay_s:  # a slow file system (injected)
-                    write_heartbeat(env, step=step, phase="save", generation=session.generation)
+                    session.heartbeat.beat(step=step, phase="save")
                     time.sleep(args.save_delay_s)
                 session.checkpoint(
                     step, {"model": model.state_dict(), "opt": opt.state_dict()}, loss=loss

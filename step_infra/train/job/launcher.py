@@ -33,12 +33,11 @@ from typing import IO, Any
 from rich.console import Console
 
 from step_infra.data.servers import LATENT_PIPE, TEXT_PIPE, TOKEN_ENV, ServerConfig
-from step_infra.telemetry.detector import DetectorConfig
 from step_infra.telemetry.elastic import ElasticConfig, ElasticController, ElasticResult
 from step_infra.telemetry.events import EventLog, read_events
 from step_infra.telemetry.worker_support import read_heartbeats
 from step_infra.train.job.checkpoint import durable_step, latest_durable
-from step_infra.train.job.config import JobConfig
+from step_infra.train.job.config import JOB_DETECTOR, JobConfig
 from step_infra.train.job.worker import REGISTRY_ENV
 
 log = logging.getLogger(__name__)
@@ -65,29 +64,6 @@ class _Child:
     name: str
     proc: subprocess.Popen[bytes]
     log: IO[bytes]
-
-
-# The job compares its two nodes with each other (the detector's two-member mode): each node's
-# compute time relative to the other's, against what that ratio was over baseline windows. On
-# this shared 2-core host that ratio jitters by 0.10 (log, per step; 0.06-0.16 over nine runs)
-# and a 30 % slowdown shifts it by 0.17-0.31, so the settings matter. With the former ones
-# (smoothing 3, baseline 5, no cap) a short, noisy baseline claimed a spread of 0.13 in one demo
-# run and a node 35 % slower never reached z 4. Now: smoothing over 4 windows, a baseline of 8
-# (the demo slows a node from step 18, after them), the spread capped at 0.05 (a slowdown of
-# 22 % beyond the baseline ratio is enough) and 3 of 4 windows flagged. On two nodes with the
-# measured jitter (tests/telemetry/test_detector.py, 50 seeded runs of 60 windows) it caught
-# 50 of 50 30 % slowdowns (median 4 windows after the onset, at most 16) and blamed a healthy
-# node in 3 of 50 runs; the former settings caught 48 and blamed one in 22.
-JOB_DETECTOR = DetectorConfig(
-    warmup_windows=5,
-    smooth_windows=4,
-    baseline_windows=8,
-    pair_max_sigma=0.05,
-    persist_k=3,
-    persist_n=4,
-    threshold=4.0,
-    mad_floor=0.02,
-)
 
 
 def _free_port() -> int:
@@ -346,6 +322,7 @@ def run_training_job(
             spares=cfg.spares,
             nproc_per_node=cfg.nproc_per_node,
             slow=cfg.faults.slow,
+            steps_total=cfg.steps,
             job_timeout_s=job_timeout_s,
             extra_env={TOKEN_ENV: token, REGISTRY_ENV: registry_addr, "OMP_NUM_THREADS": "1"},
         )

@@ -34,7 +34,6 @@ from step_infra.models.config import get_preset
 from step_infra.models.dit import build_dit
 from step_infra.models.parallel import ParallelGroups, all_reduce_coalesced, tp_partial_grads
 from step_infra.telemetry.session import ElasticSession
-from step_infra.telemetry.worker_support import write_heartbeat
 from step_infra.topology import ProcessGrid
 from step_infra.train.flow import FlowConfig, interpolate, sample_time
 from step_infra.train.job.checkpoint import Checkpointer, gather_full_state, state_dict
@@ -220,6 +219,7 @@ def main() -> None:
                 time.sleep(busy * (slow - 1.0))
             if samples:  # normalized to an equal share (replicas get uneven sample counts)
                 rec.record_section("compute", busy * slow * nominal / len(samples))
+            session.at_collective(step)
             with rec.collective("grad_allreduce"):
                 total = reduce_gradients(model, groups, local)
             clip_gradients(model, groups, cfg.grad_clip)
@@ -232,12 +232,13 @@ def main() -> None:
             if durable is not None:
                 _committed(session, stream, cfg, durable)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                write_heartbeat(session.env, step=step, phase="save", generation=session.generation)
+                session.heartbeat.beat(step=step, phase="save")
                 state["meta/step"].fill_(step)
                 ckpt.save_async(state, step)
-                write_heartbeat(session.env, step=step, phase="step", generation=session.generation)
+                session.heartbeat.beat(step=step, phase="step")
     last = cfg.steps - 1
     if session.start_step <= last:
+        session.heartbeat.beat(step=last, phase="save")  # the final save: checkpoint timeout
         durable = ckpt.wait()
         if durable is not None:
             _committed(session, stream, cfg, durable)
