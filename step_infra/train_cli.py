@@ -38,6 +38,11 @@ def train(
         help="Join this running registry (host:port; token from STEP_TOKEN) instead of "
         "starting one.",
     ),
+    eviction: str = typer.Option(
+        "evict",
+        help="'evict': evict a straggler when the time it saves exceeds the restart's cost; "
+        "'detect': a dry run that only logs what it would have evicted, and when.",
+    ),
     timeout_s: float = typer.Option(900.0, help="Give up on the job after this long."),
 ) -> None:
     """Start the registry, encoder servers and elastic DiT trainers; write report.html."""
@@ -51,6 +56,7 @@ def train(
             cfg = cfg.replace(steps=steps)
         if not faults:
             cfg = cfg.replace(faults=Faults())
+        cfg = cfg.replace(eviction=eviction)
         has_allocation = False
         if plan is not None:
             if not plan.exists():

@@ -24,11 +24,13 @@ from step_infra.telemetry.detector import DetectorConfig
 # their medians against zero, scaled by its own spread over older windows and by the spread
 # the ranks show inside their nodes. Windows of 3 steps (their median), 3 of the last 4 slow:
 # a slowed node is convicted about 12 steps after warm-up; a one-step spike of the host never.
+# With more ranks (8 x 2) a rank or node must be >= 10 % slower.
 # The spread is capped at 0.05 so that a node 22 % slower is enough on a very noisy host. An
 # eviction must still pay for itself (telemetry/policy.py): the saving over the steps left
 # against the restart this launch measured.
 JOB_DETECTOR = DetectorConfig(
     warmup_steps=5,
+    min_effect=0.10,  # windows of 3 steps are noisier: 5 % once convicted a node of 8 x 2
     window_steps=3,
     persist_k=3,
     persist_n=4,
@@ -94,6 +96,9 @@ class JobConfig:
     prefetch: int = 8  # items per producer link a trainer may hold before taking
     lease_s: float = 5.0  # a trainer silent this long loses its unacknowledged items
     faults: Faults = field(default_factory=Faults)
+    # "evict": evict a straggler when it pays (telemetry/policy.py); "detect": a dry run that
+    # only logs "would have evicted at step N, saving X s" (events.jsonl, dashboard).
+    eviction: str = "evict"
     text_dim_short: int = 384  # the launcher writes what the text encoders produce
     text_dim_long: int = 128
     sample_prompts: int = 4
@@ -107,6 +112,8 @@ class JobConfig:
                 f"tp={self.tp} must divide nproc_per_node={self.nproc_per_node} (a replica's "
                 "tensor-parallel ranks stay on one node)"
             )
+        if self.eviction not in ("evict", "detect"):
+            raise ValueError(f"eviction must be 'evict' or 'detect', got {self.eviction!r}")
         per_step = self.micro_batch
         if self.global_batch < per_step or self.global_batch % per_step:
             raise ValueError(

@@ -317,6 +317,7 @@ def run_training_job(
         elastic_cfg = ElasticConfig(
             run_dir=run_dir,
             detector=JOB_DETECTOR,
+            policy=cfg.eviction,
             worker_args=WORKER,
             nodes=cfg.nodes,
             spares=cfg.spares,
