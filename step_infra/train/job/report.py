@@ -23,8 +23,9 @@ from step_infra.telemetry.events import read_events
 from step_infra.train.job.config import JobConfig
 
 FAULT_EVENTS = (
-    "fault_injected", "detection", "eviction", "spare_activated", "join", "restart",
-    "recovered", "hang", "job_failed", "interrupted",
+    "fault_injected", "detection", "would_evict", "eviction_deferred", "straggler_recovered",
+    "eviction", "spare_activated", "join", "restart", "recovered", "hang", "job_failed",
+    "interrupted",
 )  # fmt: skip
 
 
