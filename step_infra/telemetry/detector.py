@@ -162,14 +162,20 @@ class _Level:
             if len(present) < cfg.small_level:
                 least = max(cfg.min_effect, cfg.pair_min_effect)
             vals = logs[present]
-            median = float(np.median(vals))
+            if len(present) < cfg.small_level:
+                # Few members: each against the median of the *others* (leave-one-out). A
+                # median of 4 that includes the member itself sits close to every value, so
+                # deviations (and the spread pooled from them) come out too small.
+                dev = np.array([v - np.median(np.delete(vals, i)) for i, v in enumerate(vals)])
+            else:
+                dev = vals - float(np.median(vals))
             # Pool the deviations themselves over recent windows (not a median of per-window
             # MADs: the MAD of 8 nodes is biased low and noisy; 16 windows x 8 is a sample).
-            self.deviations.append(np.abs(vals - median))
+            self.deviations.append(np.abs(dev))
             pooled = np.concatenate(self.deviations)
             self.sigma = max(float(np.median(pooled)) * MAD_TO_SIGMA, cfg.mad_floor)
-            z[present] = (vals - median) / self.sigma
-            effect[present] = np.expm1(vals - median)
+            z[present] = dev / self.sigma
+            effect[present] = np.expm1(dev)
         elif len(present) == 2:
             least = max(cfg.min_effect, cfg.pair_min_effect)
             self._score_pair(present, logs, z, effect, pair_floor)
