@@ -23,6 +23,7 @@ _EXPORTS = {
     "read_events": "events",
     "OTelConfig": "otel",
     "OTelSink": "otel",
+    "StragglerScores": "otel",
     "make_meter_provider": "otel",
     "DetectOnly": "policy",
     "Evict": "policy",
@@ -61,6 +62,7 @@ __all__ = [
     "Stats",
     "StoreTail",
     "StragglerDetector",
+    "StragglerScores",
     "Window",
     "make_meter_provider",
     "make_policy",
@@ -82,7 +84,12 @@ if TYPE_CHECKING:
     from step_infra.telemetry.detector import Detection, DetectorConfig, StragglerDetector
     from step_infra.telemetry.elastic import ElasticConfig, ElasticResult, run_elastic_job
     from step_infra.telemetry.events import EventLog, read_events
-    from step_infra.telemetry.otel import OTelConfig, OTelSink, make_meter_provider
+    from step_infra.telemetry.otel import (
+        OTelConfig,
+        OTelSink,
+        StragglerScores,
+        make_meter_provider,
+    )
     from step_infra.telemetry.policy import DetectOnly, Evict, EvictionPolicy, make_policy
     from step_infra.telemetry.recorder import Recorder, RecorderConfig
     from step_infra.telemetry.sink import MetricsSink

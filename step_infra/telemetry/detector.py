@@ -162,10 +162,11 @@ class _Level:
             if len(present) < cfg.small_level:
                 least = max(cfg.min_effect, cfg.pair_min_effect)
             vals = logs[present]
-            if len(present) < cfg.small_level:
+            if 4 <= len(present) < cfg.small_level:
                 # Few members: each against the median of the *others* (leave-one-out). A
                 # median of 4 that includes the member itself sits close to every value, so
-                # deviations (and the spread pooled from them) come out too small.
+                # deviations (and the spread pooled from them) come out too small. (With 3,
+                # the others' median is a mean of 2 that a straggler would pull: not there.)
                 dev = np.array([v - np.median(np.delete(vals, i)) for i, v in enumerate(vals)])
             else:
                 dev = vals - float(np.median(vals))
@@ -546,6 +547,15 @@ class StragglerDetector:
             return any(self._ranks.slow_count(int(m)) >= k for m in mates)
         idx = next((i for i, m in enumerate(self._members) if str(m) == target), None)
         return idx is not None and self._ranks.slow_count(idx) >= k
+
+    @property
+    def windows_scored(self) -> int:
+        """Windows scored since the last reset (a new one every ``window_steps`` steps)."""
+        return self._ranks.head
+
+    def member_nodes(self) -> dict[str, str]:
+        """Each member (as a string) and the node that hosts it."""
+        return {str(m): self._nodes[n] for m, n in zip(self._members, self._node_of, strict=True)}
 
     def latest_scores(self) -> dict[str, float]:
         """Robust z of every rank in the latest window (for gauges and dashboards)."""

@@ -104,6 +104,9 @@ class ElasticConfig:
     # took to its first step until a restart is measured (then that restart's time).
     restart_cost_s: float | None = None
     eviction_margin: float = 1.0  # evict when saving > margin x cost
+    # Serve the controller's metrics (step_infra_straggler_score per rank) for Prometheus on
+    # 127.0.0.1:metrics_port (0: a free port, logged in job_start); None: not exported.
+    metrics_port: int | None = None
     agent_max_restarts: int = 5  # torchrun --max-restarts
     rdzv_keep_alive_s: float = 1.0  # an evicted agent is dropped from the rendezvous after
     rdzv_keep_alive_misses: int = 5  # ... this many missed keep-alives
@@ -223,6 +226,7 @@ class ElasticController:
         t_start = time.monotonic()
         self._store = rendezvous_store()
         port = int(self._store.port)
+        metrics = self._start_metrics()
         # Events already in the file are an earlier launch's (a resume after Ctrl-C): skip them.
         self._events_seen = len(read_events(self.run_dir))
         self.events.emit(
@@ -232,6 +236,7 @@ class ElasticController:
             policy=self.policy.name,
             rdzv_port=port,
             detector={k: getattr(c.detector, k) for k in type(c.detector).__slots__},
+            metrics_port=None if metrics is None else metrics.prometheus_port,
         )
         try:
             for i in range(c.nodes):
@@ -268,7 +273,25 @@ class ElasticController:
                 wall_s=self.result.wall_s,
             )
             self._store = None
+            if metrics is not None:
+                metrics.shutdown()
         return self.result
+
+    def _start_metrics(self) -> Any:
+        """The controller's own Prometheus endpoint with the straggler-score gauge."""
+        if self.config.metrics_port is None:
+            return None
+        from step_infra.telemetry.otel import OTelConfig, StragglerScores, make_meter_provider
+
+        world = (self.config.nodes + self.config.spares) * self.config.nproc_per_node
+        provider = make_meter_provider(
+            OTelConfig(prometheus_port=self.config.metrics_port, cardinality_limit=world + 1),
+            rank=-1,
+            node="controller",
+            run=self.run_dir.name,
+        )
+        self.watch.scores = StragglerScores(provider.provider)
+        return provider
 
     def _wait_first_step(self, t_start: float) -> None:
         while time.monotonic() - t_start < self.config.startup_timeout_s:

@@ -88,6 +88,53 @@ def read_store(run_dir: str | Path, *, min_mtime: float | None = None) -> pd.Dat
     return pads.dataset(files, schema=SCHEMA, format="parquet").to_table().to_pandas()
 
 
+def store_parts(run_dir: str | Path) -> list[tuple[str, int]]:
+    """(path, bytes) of every part of the store, sorted by path (empty if none yet).
+
+    For readers that remember which parts they have seen: parts never change once renamed
+    into place, so a path seen once need not be read again.
+    """
+    directory = store_path(run_dir)
+    if not directory.is_dir():
+        return []
+    out = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.endswith(".parquet") and not entry.name.startswith("."):
+                try:
+                    out.append((entry.path, entry.stat().st_size))
+                except FileNotFoundError:  # removed between the listing and the stat
+                    continue
+    return sorted(out)
+
+
+def read_parts(paths: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Read ``paths`` (parts of one store) as one Arrow table of ``columns`` (default: all).
+
+    The string columns stay dictionary-encoded (``node``, ``kind``, ``name`` repeat a handful
+    of values over millions of rows): decoding them into Python strings would cost more than
+    the rest of the read.
+    """
+    encoded = ("node", "kind", "name")
+    fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=encoded))
+    schema = pa.schema(
+        [
+            pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if f.name in encoded else f
+            for f in SCHEMA
+        ]
+    )
+    return pads.dataset(paths, schema=schema, format=fmt).to_table(columns=columns)
+
+
+def store_signature(run_dir: str | Path) -> int:
+    """A cheap token that changes whenever a part is added: the store directory's mtime in ns
+    (renaming a part into the directory updates it); 0 while there is no store."""
+    try:
+        return store_path(run_dir).stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
 class StoreTail:
     """Incremental reader: each :meth:`poll` returns only the parts not returned before."""
 

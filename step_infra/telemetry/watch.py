@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,9 @@ from step_infra.telemetry.detector import Detection, DetectorConfig, StragglerDe
 from step_infra.telemetry.events import EventLog
 from step_infra.telemetry.feed import StepFeed
 from step_infra.telemetry.policy import EvictionDecision, EvictionPolicy, JobProgress
+
+if TYPE_CHECKING:
+    from step_infra.telemetry.otel import StragglerScores
 
 
 @dataclass(slots=True, kw_only=True)
@@ -62,6 +66,7 @@ class StragglerWatch:
         signal: str = "compute",
         steps_total: int | None = None,
         restart_s: float = 30.0,
+        scores: StragglerScores | None = None,
     ) -> None:
         self.detector = StragglerDetector(config)
         self.feed = StepFeed(section=section, signal=signal)
@@ -70,6 +75,8 @@ class StragglerWatch:
         self.steps_total = steps_total
         self.restart_s = restart_s  # the controller replaces it with what it measures
         self.pending: dict[str, _Pending] = {}
+        self.scores = scores  # the straggler-score gauge (Prometheus / OTLP), when exported
+        self._windows_exported = 0
         self._step_times: deque[float] = deque(maxlen=64)
         self._last_step = -1
         self.stats = WatchStats()
@@ -79,6 +86,9 @@ class StragglerWatch:
         self.detector.reset()
         self.feed.drop_attempts_before(generation)
         self.pending.clear()
+        self._windows_exported = 0
+        if self.scores is not None:  # the old membership's series end here
+            self.scores.update({}, {})
 
     def poll(self, rows: pd.DataFrame, state: WatchState) -> list[EvictionDecision]:
         """Take new rows; return the decisions to act on (``action == "evict"``)."""
@@ -99,6 +109,7 @@ class StragglerWatch:
                 self.stats.detections.append(det)
             if self.pending:
                 act += self._decide(state)
+        self._export_scores()
         self.stats.cpu_s += time.process_time() - t0
         return act
 
@@ -113,6 +124,14 @@ class StragglerWatch:
         )
 
     # ------------------------------------------------------------------ internals
+    def _export_scores(self) -> None:
+        """Hand the latest window's per-rank scores to the gauge, once per new window."""
+        windows = self.detector.windows_scored
+        if self.scores is None or windows == self._windows_exported:
+            return
+        self._windows_exported = windows
+        self.scores.update(self.detector.latest_scores(), self.detector.member_nodes())
+
     def _note_step_times(self, rows: pd.DataFrame, generation: int) -> None:
         if rows.empty:
             return

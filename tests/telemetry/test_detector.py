@@ -232,3 +232,19 @@ def test_events_log_is_one_json_object_per_line(tmp_path: Path) -> None:
     assert [e["event"] for e in events] == ["detection", "restart"]
     assert events[0]["evidence"]["score"] == 7.5 and events[1]["source"] == "rank0"
     assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 2
+
+
+def test_three_nodes_one_slow_is_found_with_the_elastic_default() -> None:
+    """Three single-rank nodes (the toy elastic job): the others' median of a 3-member level
+    would be pulled by the straggler, so it is compared with the plain median."""
+    from step_infra.telemetry.elastic import ElasticConfig
+
+    det = StragglerDetector(ElasticConfig(run_dir=Path("x")).detector)
+    rng = np.random.default_rng(0)
+    found = []
+    for step in range(45):
+        times = 0.1 * np.exp(rng.normal(0, 0.02, 3))
+        if step >= 15:
+            times[1] *= 1.3
+        found += det.observe(step, {f"node{i}": t for i, t in enumerate(times)})
+    assert [d.target for d in found] == ["node1"] and found[0].window < 30

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from step_infra.telemetry import read_events, read_store
-from step_infra.telemetry.dashboard.data import arrival_lateness
 from step_infra.telemetry.elastic import TOY_WORKER, ElasticConfig, run_elastic_job
 from step_infra.telemetry.toy_worker import reference_losses
 from step_infra.telemetry.worker_support import WorkerEnv
@@ -87,9 +86,11 @@ def test_slow_node_is_evicted_and_the_spare_takes_over(
     for step, value in zip(resumed["step"], resumed["value"], strict=True):
         assert value == pytest.approx(reference[step], rel=1e-4, abs=1e-6), step
     # Before the eviction, node1 reached the gradient all-reduce last, by about its 30 ms.
-    late = arrival_lateness(df.assign(member=df["node"]))
+    arrivals = df[df["kind"] == "arrival"]
+    first = arrivals.groupby(["attempt", "step", "name"])["t_unix_s"].transform("min")
+    late = arrivals.assign(lateness_s=arrivals["t_unix_s"] - first)
     slow_phase = late[(late["attempt"] == 1) & (late["step"] >= 16)]
-    by_node = slow_phase.groupby("member")["lateness_s"].mean()
+    by_node = slow_phase.groupby("node")["lateness_s"].mean()
     assert by_node.idxmax() == "node1" and by_node["node1"] > 0.015, by_node
     nodes_after = set(df[df["attempt"] == last_gen]["node"])
     assert nodes_after == {"node0", "node2", "spare0"}

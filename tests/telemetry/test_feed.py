@@ -147,3 +147,39 @@ def test_watch_cost_per_step_is_small_at_4096_ranks() -> None:
         watch.poll(rows, state)
     assert watch.stats.steps == steps
     assert watch.stats.cpu_s / steps < 0.040
+
+
+def test_watch_exports_each_ranks_straggler_score_once_a_window(tmp_path: Path) -> None:
+    """The controller's gauge (what the Grafana panel and the Straggler alert read): one
+    series per rank, the slow rank's score far above the rest; a restart ends the series."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from step_infra.telemetry.otel import StragglerScores
+
+    reader = InMemoryMetricReader()
+    scores = StragglerScores(MeterProvider(metric_readers=[reader]))
+    run = write_simulated_run(
+        tmp_path / "run", ranks=8, ranks_per_node=4, steps=range(60), slow_rank=5,
+        slow_from=20, slow_factor=1.5, jitter=0.03,
+    )  # fmt: skip
+    watch = StragglerWatch(DetectorConfig(), DetectOnly(), None, steps_total=100, scores=scores)
+    watch.poll(StoreTail(run).poll(), WatchState(generation=0, active_nodes=["node0", "node1"]))
+
+    def points() -> dict[str, tuple[float, str]]:
+        data = reader.get_metrics_data()
+        out = {}
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == "step_infra_straggler_score":
+                        for p in metric.data.data_points:
+                            out[p.attributes["rank"]] = (p.value, p.attributes["node"])
+        return out
+
+    got = points()
+    assert set(got) == {str(r) for r in range(8)}
+    assert got["5"][1] == "node1" and got["5"][0] > DetectorConfig().threshold
+    assert max(v for r, (v, _) in got.items() if r != "5") < DetectorConfig().threshold
+    watch.restart(1)
+    assert points() == {}
