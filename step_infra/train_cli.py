@@ -43,6 +43,11 @@ def train(
         help="'evict': evict a straggler when the time it saves exceeds the restart's cost; "
         "'detect': a dry run that only logs what it would have evicted, and when.",
     ),
+    metrics_port: int | None = typer.Option(
+        None,
+        help="Serve the controller's straggler scores for Prometheus on 127.0.0.1:PORT "
+        "(step_infra_straggler_score; see step_infra/telemetry/grafana).",
+    ),
     timeout_s: float = typer.Option(900.0, help="Give up on the job after this long."),
 ) -> None:
     """Start the registry, encoder servers and elastic DiT trainers; write report.html."""
@@ -56,7 +61,7 @@ def train(
             cfg = cfg.replace(steps=steps)
         if not faults:
             cfg = cfg.replace(faults=Faults())
-        cfg = cfg.replace(eviction=eviction)
+        cfg = cfg.replace(eviction=eviction, metrics_port=metrics_port)
         has_allocation = False
         if plan is not None:
             if not plan.exists():

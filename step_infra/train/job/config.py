@@ -100,6 +100,7 @@ class JobConfig:
     # "evict": evict a straggler when it pays (telemetry/policy.py); "detect": a dry run that
     # only logs "would have evicted at step N, saving X s" (events.jsonl, dashboard).
     eviction: str = "evict"
+    metrics_port: int | None = None  # the controller's Prometheus endpoint (straggler scores)
     text_dim_short: int = 384  # the launcher writes what the text encoders produce
     text_dim_long: int = 128
     sample_prompts: int = 4

@@ -318,6 +318,7 @@ def run_training_job(
             run_dir=run_dir,
             detector=JOB_DETECTOR,
             policy=cfg.eviction,
+            metrics_port=cfg.metrics_port,
             worker_args=WORKER,
             nodes=cfg.nodes,
             spares=cfg.spares,
