@@ -57,7 +57,7 @@ class DetectorConfig:
     window_steps: int = 5  # steps per scored window; its statistic is their median
     threshold: float = 4.0  # robust z a window must reach to count as slow
     min_effect: float = 0.05  # ... and at least this much slower than the peer median
-    persist_k: int = 3  # slow windows needed ...
+    persist_k: int = 4  # slow windows needed ...
     persist_n: int = 8  # ... among the member's last persist_n windows (the latest slow)
     sigma_windows: int = 16  # windows over which the peer spread is pooled
     node_fraction: float = 0.75  # fraction of a node's ranks slow to blame the node
