@@ -12,6 +12,7 @@ import time
 import zlib
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -218,12 +219,27 @@ def test_registry_kill9_and_restart_stream_continues() -> None:
                 restarted = _start_registry(port)
             time.sleep(0.05)
         assert got == list(range(60))
-        time.sleep(1.2)  # a keep-alive round after the restart
-        prod.poll(10)
-        cons.get(timeout_s=0.2)
-        info = RegistryClient(address, "tok").lookup("live")
-        assert [e.address for e in info.producers] == [prod.address]  # re-registered
-        assert [e.group for e in info.consumers] == ["g"]
+        # Keep-alive rounds after the restart re-register both: polled until they have,
+        # however long a loaded machine takes to run one.
+        client = RegistryClient(address, "tok")
+        deadline = time.monotonic() + 30
+        while True:
+            prod.poll(10)
+            cons.get(timeout_s=0.1)
+            try:
+                info = client.lookup("live")
+            except grpc.RpcError as e:  # the restarted registry knows the pipe once one is back
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                producers, groups = [], []
+            else:
+                producers = [e.address for e in info.producers]
+                groups = [e.group for e in info.consumers]
+            if (producers, groups) == ([prod.address], ["g"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert producers == [prod.address]  # re-registered
+        assert groups == ["g"]
         cons.close()
         prod.close()
     finally:

@@ -68,7 +68,10 @@ def test_group_members_get_same_items() -> None:
             Consumer("p", [prod.address], group="b", member="0"),
         ]
         prod.wait_for_consumers(groups=2)
-        time.sleep(0.2)  # let the second member of "a" say hello
+        deadline = time.monotonic() + 30  # the second member of "a" says hello, however loaded
+        while len(prod.groups().get("a", [])) < 2:
+            assert time.monotonic() < deadline, f"members: {prod.groups()}"
+            prod.poll(50)
         outs = _run(prod, cons, 40, [0.0, 0.0, 0.0])
     assert [s for _, s, _ in outs[0]] == [s for _, s, _ in outs[1]]
     assert sorted(s for _, s, _ in outs[0] + outs[2]) == list(range(40))
@@ -151,16 +154,19 @@ def test_queue_items_lets_send_work_ahead_of_consumers() -> None:
     """With ``queue_items`` a producer encodes ahead while no consumer is there (trainers
     starting or restarting): sends return, items wait in order, and beyond the queue send
     blocks again (here until its send timeout, which leaves the item queued)."""
-    cfg = ProducerConfig(queue_items=5, send_timeout_s=0.3)
+    send_timeout_s = 1.0
+    cfg = ProducerConfig(queue_items=5, send_timeout_s=send_timeout_s)
     with Producer("p", config=cfg) as prod:
         t0 = time.monotonic()
         for i in range(5):
             prod.send({"x": torch.full((8,), float(i))})
-        assert time.monotonic() - t0 < 0.25  # no consumer, yet none of the five blocked
+        # No consumer, yet none of the five blocked: all five together took less than half
+        # of one send timeout (a blocked send takes a whole one), loaded machine or not.
+        assert time.monotonic() - t0 < send_timeout_s / 2
         assert prod.queued == 5
         t0 = time.monotonic()
         prod.send({"x": torch.full((8,), 5.0)})
-        assert time.monotonic() - t0 >= 0.29  # the sixth waited for credit
+        assert time.monotonic() - t0 >= send_timeout_s * 0.99  # the sixth waited for credit
         cons = Consumer("p", [prod.address], group="g")
         got = []
         while len(got) < 6:
