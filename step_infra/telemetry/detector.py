@@ -279,7 +279,6 @@ class StragglerDetector:
         self._buffer: list[np.ndarray] = []  # this window's per-step log residuals
         self._raw: list[np.ndarray] = []  # ... and raw values (for the evidence)
         self._window_raw = np.zeros(0)
-        self._window_step = -1
         self._ranks = _Level(cfg)
         self._hosts = _Level(cfg)
         self._reported: set[str] = set()
@@ -368,7 +367,6 @@ class StragglerDetector:
         if enough.any():  # a typical peer time: median over recent windows (phases pass)
             self._peer_times.append(float(np.nanmedian(self._window_raw)))
             self._peer_time = float(np.median(self._peer_times))
-        self._window_step = step
         self._ranks.grow(size)
         rank_hits = self._ranks.score(step, rank_logs, self._window_raw)
         self._hosts.grow(len(self._nodes))
