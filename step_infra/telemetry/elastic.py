@@ -18,9 +18,10 @@ rendezvous with the spare there too, and torch 2.13 then restarts the workers ov
 
 The loop here watches (a) the telemetry store, feeding per-rank compute times to the
 :class:`StragglerDetector` and pricing each detection (:mod:`~step_infra.telemetry.watch`:
-an eviction happens only when it saves more than it costs), (b) heartbeats, with a separate timeout for checkpoint phases so
-a long save is not taken for a hang, and (c) the events workers write (starts, resumes),
-and it writes every detection, eviction, restart and join to ``events.jsonl``.
+an eviction happens only when it saves more than it costs), (b) heartbeats, with a
+separate timeout for checkpoint phases so a long save is not taken for a hang, and (c) the
+events workers write (starts, resumes), and it writes every detection, eviction, restart and
+join to ``events.jsonl``.
 
 Every launch gets an id of its own (``STEP_INFRA_LAUNCH``, in every worker's heartbeats and
 events) and reads only the events appended after its start: a run directory resumed after a
