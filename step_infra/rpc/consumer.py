@@ -8,7 +8,14 @@ by default, acknowledges it: the producer only forgets an item once the trainer 
 checkpoint covers the item).
 Duplicates (by ``(producer, seq)``) are dropped; :meth:`Consumer.position` reports what was
 consumed so a restarted job resumes where it stopped. Memory is bounded by ``prefetch``
-items per producer link. Malformed frames are counted, logged and dropped.
+items per producer link.
+
+Nothing a producer sends is trusted: every message is checked against its schema
+(``messages.py``) and every size against ``max_item_bytes`` and the shapes it announces before
+anything is allocated; a refused message is counted and dropped, and a link that keeps sending
+them is closed (``guard.py``). Under a job token a link delivers nothing until its producer
+proved the token (``auth.py``). A large item whose bytes a broken lane lost keeps its place in
+the queue and is asked for again (``nack``): it arrives over zmq frames, still in order.
 """
 
 from __future__ import annotations
@@ -20,16 +27,34 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import msgpack
+import msgspec
 import zmq
 
+from step_infra.rpc import auth
+from step_infra.rpc.guard import PeerGuard
 from step_infra.rpc.lanes import LaneReceiver
+from step_infra.rpc.messages import (
+    MAX_ACKS,
+    MAX_CONTROL_BYTES,
+    MAX_TENSORS,
+    Ack,
+    Bye,
+    CreditMsg,
+    Hello,
+    ItemHeader,
+    LanesOffer,
+    Nack,
+    Welcome,
+    Who,
+    decode_to_consumer,
+    encode,
+)
 from step_infra.rpc.security import client_options
 from step_infra.rpc.shm import ShmReader, select_endpoint
 from step_infra.rpc.stats import PipeStats
-from step_infra.rpc.transport import transport_for
+from step_infra.rpc.transport import recv_bounded, transport_for
 from step_infra.rpc.ucx import UcxReceiver, ucx_unavailable
-from step_infra.rpc.wire import Item, WireError, decode_header, decode_item, flat_size
+from step_infra.rpc.wire import Item, WireError, check_flat, decode_item
 
 if TYPE_CHECKING:
     from step_infra.rpc.registry import RegistryClient
@@ -43,6 +68,9 @@ class ConsumerConfig:
 
     prefetch: int = 4
     transport: str | None = None  # None: shm when the producer is on this host, else tcp
+    # the job token producers must prove they hold (auth.py); None: the registry client's
+    # token, else $STEP_TOKEN, else links are open (the producer must be open too)
+    token: str | bytes | None = field(default=None, repr=False)
     curve_server_key: bytes | None = None  # the producer's CURVE public key, if it encrypts
     heartbeat_s: float = 1.0
     timeout_s: float | None = None
@@ -56,7 +84,12 @@ class ConsumerConfig:
     # tcp links: ask the producer for this many parallel connections for large items' bytes
     # (lanes.py); 0: everything through zmq. Ignored on shm and CURVE links.
     lanes: int = 4
-    lane_timeout_s: float = 60.0  # a lane item whose bytes do not arrive by then is dropped
+    lane_timeout_s: float = 60.0  # a lane item's bytes not there by then are asked for again
+    # the largest item accepted: an item (or lane stripe) announcing more is refused before
+    # anything is allocated
+    max_item_bytes: int = 16 << 30
+    # a producer link whose messages were refused this many times is closed (guard.py)
+    max_offences: int = 8
 
     def __post_init__(self) -> None:
         if self.ack not in ("take", "manual"):
@@ -67,6 +100,10 @@ class ConsumerConfig:
             raise ValueError(f"heartbeat_s {self.heartbeat_s}; expected > 0")
         if not 0 <= self.lanes <= 64:
             raise ValueError(f"lanes {self.lanes}; expected 0 (off) to 64")
+        if self.max_item_bytes <= 0:
+            raise ValueError(f"max_item_bytes {self.max_item_bytes}; expected > 0")
+        if self.max_offences < 1:
+            raise ValueError(f"max_offences {self.max_offences}; expected >= 1")
 
 
 class _Seen:
@@ -78,8 +115,11 @@ class _Seen:
         self.next = start
         self.extra: set[int] = set()
 
+    def __contains__(self, seq: int) -> bool:
+        return seq < self.next or seq in self.extra
+
     def add(self, seq: int) -> bool:
-        if seq < self.next or seq in self.extra:
+        if seq in self:
             return False
         self.extra.add(seq)
         while self.next in self.extra:
@@ -88,15 +128,47 @@ class _Seen:
         return True
 
 
+@dataclass(slots=True, eq=False)
+class _Link:
+    """One producer link: its socket, bulk channel and authentication state."""
+
+    sock: zmq.Socket[bytes]
+    address: str
+    host: str
+    shm: bool
+    lanes_wanted: int
+    ucx: bool
+    bulk: LaneReceiver | UcxReceiver | None = None
+    producer_nonce: bytes | None = None  # the challenge answered last
+    nonce: bytes | None = None  # our half of that handshake
+    session: auth.Session | None = None
+    admitted: bool = False  # the producer welcomed us (and proved the token, if we have one)
+    dropped: str | None = None  # why the link was closed
+    told: set[str] = field(default_factory=set)  # problems already logged once
+
+    def once(self, what: str) -> bool:
+        """``True`` the first time ``what`` happens on this link."""
+        if what in self.told:
+            return False
+        self.told.add(what)
+        return True
+
+
 @dataclass(slots=True)
 class _LaneItem:
-    """An item whose header came over zmq and whose bytes come over lanes."""
+    """An item whose header came over zmq and whose bytes come over a bulk channel (or, after
+    a nack, again as zmq frames: ``resent``)."""
 
-    header: bytes
-    seq: int
+    header: ItemHeader
     total: int
     lanes: LaneReceiver | UcxReceiver | None  # the link's bulk channel when the header came
     arrived: float = field(default_factory=time.monotonic)
+    nacked: bool = False
+    resent: Item | None = None
+
+    @property
+    def seq(self) -> int:
+        return self.header.seq
 
 
 class Consumer:
@@ -120,48 +192,62 @@ class Consumer:
         self.member = member
         self.config = config or ConsumerConfig()
         self.stats = PipeStats(pipe=pipe)
+        self._token = auth.resolve_token(
+            self.config.token, registry.token if registry is not None else None
+        )
+        self._guard = PeerGuard(
+            f"pipe {pipe} consumer {group}/{member}", max_offences=self.config.max_offences
+        )
         self._registry = registry
         if registry is not None:
             registry.register(pipe=pipe, role="consumer", name=member, group=group)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        ident = f"{group}/{member}".encode()
-        self._socks: list[zmq.Socket[bytes]] = []
+        self._ident = f"{group}/{member}".encode()
+        self._links: list[_Link] = []
+        self._link_of: dict[zmq.Socket[bytes], _Link] = {}
         self._poller = zmq.Poller()
         self._shm = ShmReader()
         self.transports: list[str] = []
-        self._use_shm: dict[zmq.Socket[bytes], bool] = {}
-        self._lanes_wanted: dict[zmq.Socket[bytes], int] = {}
-        self._bulk: dict[zmq.Socket[bytes], LaneReceiver | UcxReceiver] = {}
-        self._ucx: set[zmq.Socket[bytes]] = set()  # links whose large items come over UCX
         # receive buffers kept for reuse per link: the credit window plus the item held
         self._pool_keep = self.config.prefetch + 2
-        self._host_of: dict[zmq.Socket[bytes], str] = {}
         for address in addresses:
-            target, use_shm = select_endpoint(address, self.config.transport)
-            options = (
-                client_options(self.config.curve_server_key)
-                if self.config.curve_server_key
-                else None
-            )
-            if target.startswith("ucx://") and self.config.transport != "ucx" and ucx_unavailable():
-                target = "tcp://" + target.removeprefix("ucx://")  # no ucxx here: plain tcp
-            sock = transport_for(target).connect(self._ctx, target, ident, options)
-            self._socks.append(sock)
-            self._use_shm[sock] = use_shm
-            self.transports.append("shm" if use_shm else target.split("://", 1)[0])
-            self._poller.register(sock, zmq.POLLIN)
-            self._host_of[sock] = target.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
-            if target.startswith("ucx://"):
-                self._ucx.add(sock)
-                self._bulk[sock] = UcxReceiver(self._host_of[sock], self._pool_keep)
-            tcp = target.startswith("tcp://") and not use_shm and options is None
-            self._lanes_wanted[sock] = self.config.lanes if tcp else 0
-            self._control(sock, self._hello(sock, self.config.prefetch))
+            self._connect(address)
         self._seen: dict[str, _Seen] = {p: _Seen(n) for p, n in (resume or {}).items()}
-        self._queue: deque[tuple[zmq.Socket[bytes], Item | _LaneItem]] = deque()
-        self._taken: tuple[zmq.Socket[bytes], Item] | None = None
-        self._sock_of: dict[str, zmq.Socket[bytes]] = {}  # producer name -> its link
+        self._queue: deque[tuple[_Link, Item | _LaneItem]] = deque()
+        self._awaiting: dict[tuple[int, str, int], _LaneItem] = {}  # nacked, by link/prod/seq
+        self._taken: tuple[_Link, Item] | None = None
+        self._link_of_producer: dict[str, _Link] = {}
         self._last_hb = time.monotonic()
+
+    def _connect(self, address: str) -> None:
+        target, use_shm = select_endpoint(address, self.config.transport)
+        # a frame larger than any item could be is refused by libzmq before it is buffered
+        options: dict[int, Any] = {
+            zmq.MAXMSGSIZE: max(self.config.max_item_bytes, MAX_CONTROL_BYTES)
+        }
+        if self.config.curve_server_key:
+            options.update(client_options(self.config.curve_server_key))
+        if target.startswith("ucx://") and self.config.transport != "ucx" and ucx_unavailable():
+            target = "tcp://" + target.removeprefix("ucx://")  # no ucxx here: plain tcp
+        sock = transport_for(target).connect(self._ctx, target, self._ident, options)
+        tcp = target.startswith("tcp://") and not use_shm and not self.config.curve_server_key
+        link = _Link(
+            sock=sock,
+            address=target,
+            host=target.split("://", 1)[1].rsplit(":", 1)[0].strip("[]"),
+            shm=use_shm,
+            lanes_wanted=self.config.lanes if tcp else 0,
+            ucx=target.startswith("ucx://"),
+        )
+        if link.ucx:
+            link.bulk = UcxReceiver(link.host, self._pool_keep)
+        epoch = auth.address_epoch(address)
+        self._links.append(link)
+        self._link_of[sock] = link
+        self.transports.append("shm" if use_shm else target.split("://", 1)[0])
+        self._poller.register(sock, zmq.POLLIN)
+        # under a token, the first hello proves it on the epoch the producer published
+        self._control(link, self._hello(link, self.config.prefetch, epoch))
 
     @classmethod
     def from_registry(
@@ -199,9 +285,10 @@ class Consumer:
         for item in items:
             acks.setdefault(item.producer, []).append(item.seq)
         for producer, seqs in acks.items():
-            sock = self._sock_of.get(producer)
-            if sock is not None:
-                self._control(sock, {"k": "ack", "acks": seqs})
+            link = self._link_of_producer.get(producer)
+            if link is not None:
+                for i in range(0, len(seqs), MAX_ACKS):
+                    self._control(link, Ack(acks=seqs[i : i + MAX_ACKS]))
 
     def __iter__(self) -> Iterator[Item]:
         return self
@@ -220,13 +307,21 @@ class Consumer:
         self._heartbeat()
 
     def get(self, timeout_s: float | None = None) -> Item | None:
-        """The next item (acknowledging the previous one), or ``None`` after ``timeout_s``."""
+        """The next item (acknowledging the previous one), or ``None`` after ``timeout_s``.
+
+        Raises ``ConnectionError`` only when ``timeout_s`` is ``None`` and every producer link
+        was closed for misbehaving (waiting would be for ever)."""
         self._release()
         self._heartbeat()
         start = time.monotonic()
         deadline = None if timeout_s is None else start + timeout_s
         while True:
             while not self._queue:
+                if deadline is None and all(link.dropped for link in self._links):
+                    reasons = "; ".join(f"{lk.address}: {lk.dropped}" for lk in self._links)
+                    raise ConnectionError(
+                        f"pipe {self.pipe!r}: every producer link was closed ({reasons})"
+                    )
                 wait_ms = int(self.config.heartbeat_s * 1000)
                 if deadline is not None:
                     wait_ms = max(0, min(wait_ms, int((deadline - time.monotonic()) * 1000)))
@@ -235,11 +330,11 @@ class Consumer:
                 if not self._queue and deadline is not None and time.monotonic() >= deadline:
                     self.stats.wait_s += time.monotonic() - start
                     return None
-            sock, entry = self._queue[0]
+            link, entry = self._queue[0]
             if isinstance(entry, Item):
                 item = entry
             else:
-                got = self._take_lane_item(sock, entry, deadline)
+                got = self._take_lane_item(link, entry, deadline)
                 if got is None:
                     if deadline is not None and time.monotonic() >= deadline:
                         self.stats.wait_s += time.monotonic() - start
@@ -249,7 +344,7 @@ class Consumer:
             break
         self.stats.wait_s += time.monotonic() - start
         self._queue.popleft()
-        self._taken = (sock, item)
+        self._taken = (link, item)
         self.stats.items += 1
         self.stats.bytes += item.nbytes
         self.stats.queue_depth = len(self._queue)
@@ -259,13 +354,13 @@ class Consumer:
         """Acknowledge the last item, say goodbye and close the sockets."""
         try:
             self._release()
-            for sock in self._socks:
-                self._control(sock, {"k": "bye"})
+            for link in self._links:
+                self._control(link, Bye())
         finally:
-            for bulk in self._bulk.values():
-                bulk.close()
-            for sock in self._socks:
-                sock.close(linger=100)
+            for link in self._links:
+                if link.bulk is not None:
+                    link.bulk.close()
+                link.sock.close(linger=100)
             self._ctx.term()
             self._shm.close()
 
@@ -275,183 +370,308 @@ class Consumer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --------------------------------------------------------------- private
-    def _control(self, sock: zmq.Socket[bytes], msg: dict[str, Any]) -> None:
-        # never block on a link with no peer (producer gone, CURVE handshake refused): a lost
-        # hello is repaired by the producer's "who" reply to our next heartbeat
+    # ------------------------------------------------------------ sending to producers
+    def _control(self, link: _Link, msg: Any) -> None:
+        """Send one control message; under a session it carries a counter and a MAC frame.
+        Never blocks on a link with no peer (producer gone, CURVE handshake refused): a lost
+        hello is repaired by the producer's ``who`` reply to our next heartbeat."""
+        if link.dropped:
+            return
+        if link.session is not None and not isinstance(msg, Hello):
+            msg = msgspec.structs.replace(msg, c=link.session.next_counter())
+            raw = encode(msg)
+            frames = [raw, link.session.mac(raw)]
+        else:
+            frames = [encode(msg)]
         try:
-            sock.send(msgpack.packb(msg, use_bin_type=True), zmq.NOBLOCK)
+            link.sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
-            log.debug("pipe %s: control message %s not sent (no peer)", self.pipe, msg.get("k"))
+            log.debug("pipe %s: %s not sent (no peer)", self.pipe, type(msg).__name__)
 
     def _release(self) -> None:
         if self._taken is None:
             return
-        sock, item = self._taken
+        link, item = self._taken
         self._taken = None
         acks = [item.seq] if self.config.ack == "take" else []
-        self._control(sock, {"k": "credit", "n": 1, "acks": acks})
+        self._control(link, CreditMsg(n=1, acks=acks))
 
-    def _hello(self, sock: zmq.Socket[bytes], credit: int) -> dict[str, Any]:
-        hello = {
-            "k": "hello",
-            "group": self.group,
-            "credit": credit,
-            "shm": self._use_shm[sock],
-            "size": self.config.group_size,
-        }
-        if self._lanes_wanted[sock]:
-            hello["lanes"] = self._lanes_wanted[sock]
-        bulk = self._bulk.get(sock)
-        if isinstance(bulk, UcxReceiver):
-            hello["ucx"] = bulk.address
-        return hello
-
-    def _open_lanes(self, sock: zmq.Socket[bytes], offer: dict[str, Any]) -> None:
-        """The producer offered lanes: connect them (a failure leaves the link on zmq frames)."""
-        old = self._bulk.pop(sock, None)
-        if old is not None:
-            old.close()
-        try:
-            port, token, n = int(offer["port"]), bytes(offer["token"]), int(offer["n"])
-            self._bulk[sock] = LaneReceiver(
-                self._host_of[sock], port, token, n, pool_keep=self._pool_keep
-            )
-        except (KeyError, TypeError, ValueError, OSError) as exc:
-            log.warning("pipe %s: lanes offered but not connected (%s); using zmq", self.pipe, exc)
-
-    def _take_lane_item(
-        self, sock: zmq.Socket[bytes], entry: _LaneItem, deadline: float | None
-    ) -> Item | None:
-        """Wait (heartbeating) for a lane item's bytes; ``None``: not yet, or dropped."""
-        lanes = entry.lanes
-        give_up = entry.arrived + self.config.lane_timeout_s
-        while True:
-            step = self.config.heartbeat_s
-            if deadline is not None:
-                step = min(step, deadline - time.monotonic())
-            flat = None
-            if lanes is not None and step > 0:
-                flat = lanes.wait(entry.seq, entry.total, step)
-            self._heartbeat()
-            if flat is not None:
-                break
-            broken = lanes is None or lanes.broken is not None
-            if broken or time.monotonic() > give_up:
-                # not marked seen: the producer still holds the item and sends it again after
-                # a restart or to another group; this link's lanes are unusable
-                self._queue.popleft()
-                self.stats.malformed += 1
-                why = "no bulk channel" if lanes is None else lanes.broken or "timed out"
-                log.warning("pipe %s: lane item %d dropped (%s)", self.pipe, entry.seq, why)
-                return None
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-        try:
-            item = decode_item([entry.header], flat=flat)
-        except WireError as exc:
-            self._queue.popleft()
-            self.stats.malformed += 1
-            log.warning("pipe %s: dropped malformed lane item: %s", self.pipe, exc)
-            return None
-        if not self._seen.setdefault(item.producer, _Seen()).add(item.seq):
-            self._queue.popleft()  # a duplicate queued twice; ack it again
-            self.stats.duplicates += 1
-            self._control(sock, {"k": "credit", "n": 1, "acks": [item.seq]})
-            return None
-        return item
+    def _hello(self, link: _Link, credit: int, producer_nonce: bytes | None) -> Hello:
+        """A hello; with a token and the producer's nonce (its epoch or a challenge) it proves
+        the token and starts a new session."""
+        pnonce = nonce = proof = None
+        if self._token is not None and producer_nonce is not None:
+            link.producer_nonce, link.nonce = producer_nonce, auth.nonce()
+            pnonce, nonce = producer_nonce, link.nonce
+            proof = auth.hello_proof(self._token, self.pipe, self._ident, pnonce, nonce)
+        return Hello(
+            group=self.group,
+            credit=credit,
+            shm=link.shm,
+            size=self.config.group_size,
+            lanes=link.lanes_wanted,
+            ucx=link.bulk.address if isinstance(link.bulk, UcxReceiver) else None,
+            pnonce=pnonce,
+            nonce=nonce,
+            proof=proof,
+        )
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
         if now - self._last_hb >= self.config.heartbeat_s:
             self._last_hb = now
-            for sock in self._socks:
-                self._control(sock, {"k": "credit", "n": 0})
+            for link in self._links:
+                self._control(link, CreditMsg(n=0))
         if self._registry is not None:
             self._registry.keep_alive()
 
-    @staticmethod
-    def _control_msg(frame: Any) -> dict[str, Any] | None:
-        """A producer's control message (``who``, ``lanes``), else ``None``."""
-        try:
-            msg = msgpack.unpackb(bytes(frame.buffer), raw=False)
-        except Exception:
-            return None
-        if isinstance(msg, dict) and msg.get("k") in ("who", "lanes"):
-            return msg
-        return None
-
-    def _rehello(self, sock: zmq.Socket[bytes]) -> None:
-        """The producer does not know us (it restarted): announce ourselves again."""
-        held = sum(1 for s, _ in self._queue if s is sock)
-        credit = max(self.config.prefetch - held, 0)
-        if sock in self._ucx:  # a new producer process: a fresh listener for its endpoint
-            old = self._bulk.pop(sock, None)
-            if old is not None:
-                old.close()
-            self._bulk[sock] = UcxReceiver(self._host_of[sock], self._pool_keep)
-        self._control(sock, self._hello(sock, credit))
-
-    def _lane_header(self, sock: zmq.Socket[bytes], frame: Any) -> bool:
-        """Queue an item whose bytes come over lanes; ``False`` if ``frame`` is not one."""
-        try:
-            header = decode_header(frame.buffer)
-            total = flat_size(header)
-            if total is None:
-                return False
-            producer, seq = str(header["prod"]), header["seq"]
-            if not isinstance(seq, int):
-                raise WireError(f"sequence number {seq!r}")
-        except (WireError, KeyError) as exc:
+    # ------------------------------------------------------------ receiving from producers
+    def _offend(self, link: _Link, reason: str, *, auth_failure: bool = False) -> None:
+        """Count a refused message of ``link``'s producer; close the link when it keeps on."""
+        if auth_failure:
+            self.stats.unauthenticated += 1
+        else:
             self.stats.malformed += 1
-            log.warning("pipe %s: dropped malformed frame: %s", self.pipe, exc)
-            return True
-        lanes = self._bulk.get(sock)
-        seen = self._seen.get(producer)
-        try:
-            if seen is not None and (seq < seen.next or seq in seen.extra):
-                self.stats.duplicates += 1
-                if lanes is not None:
-                    lanes.discard(seq, total, header)
-                self._control(sock, {"k": "credit", "n": 1, "acks": [seq]})
-                return True
-            if lanes is not None:
-                lanes.expect(seq, total, header)
-        except ValueError as exc:
-            self.stats.malformed += 1
-            log.warning("pipe %s: dropped malformed frame: %s", self.pipe, exc)
-            return True
-        self._sock_of[producer] = sock
-        entry = _LaneItem(header=bytes(frame.buffer), seq=seq, total=total, lanes=lanes)
-        self._queue.append((sock, entry))
-        return True
+        if self._guard.offend(link.address, reason):
+            self._drop_link(link, f"closed after repeated refused messages (last: {reason})")
+
+    def _drop_link(self, link: _Link, reason: str) -> None:
+        link.dropped = reason
+        self.stats.dropped_peers += 1
+        self.stats.event("peer_dropped", link.address, reason)
+        self._poller.unregister(link.sock)
+        if link.bulk is not None:
+            link.bulk.close()
+            link.bulk = None
+        # what it queued and could not finish is lost with it (its producer still holds it)
+        self._queue = deque(
+            (lk, e) for lk, e in self._queue if lk is not link or isinstance(e, Item)
+        )
 
     def _receive(self, wait_ms: int) -> None:
         events = dict(self._poller.poll(wait_ms))
-        for sock in self._socks:
-            if sock not in events:
+        for link in self._links:
+            if link.sock not in events:
                 continue
-            while sock.poll(0, zmq.POLLIN):
-                frames = sock.recv_multipart(copy=False)
-                msg = self._control_msg(frames[0]) if len(frames) == 1 else None
-                if msg is not None and msg["k"] == "who":
-                    self._rehello(sock)
+            while not link.dropped and link.sock.poll(0, zmq.POLLIN):
+                frames, count = recv_bounded(link.sock, 1 + MAX_TENSORS)
+                if count > 1 + MAX_TENSORS:
+                    self._offend(link, f"{count} frames; at most {1 + MAX_TENSORS} expected")
                     continue
-                if msg is not None:
-                    self._open_lanes(sock, msg)
+                msg = decode_to_consumer(frames[0].buffer)
+                if isinstance(msg, str):
+                    self._offend(link, msg)
                     continue
-                if len(frames) == 1 and self._lane_header(sock, frames[0]):
-                    continue
-                try:
-                    item = decode_item(frames, shm=self._shm)
-                except WireError as exc:
-                    self.stats.malformed += 1
-                    log.warning("pipe %s: dropped malformed frame: %s", self.pipe, exc)
-                    continue
-                self._sock_of[item.producer] = sock
-                seen = self._seen.setdefault(item.producer, _Seen())
-                if not seen.add(item.seq):
-                    self.stats.duplicates += 1
-                    self._control(sock, {"k": "credit", "n": 1, "acks": [item.seq]})
-                    continue
-                self._queue.append((sock, item))
+                if isinstance(msg, Who):
+                    self._rehello(link, msg)
+                elif isinstance(msg, Welcome):
+                    self._on_welcome(link, msg)
+                elif not link.admitted and self._token is not None:
+                    self.stats.unauthenticated += 1
+                    if link.once("unproven"):
+                        log.warning(
+                            "pipe %s: %s sent %s before proving the job token; ignored",
+                            self.pipe,
+                            link.address,
+                            type(msg).__name__,
+                        )
+                elif isinstance(msg, LanesOffer):
+                    self._open_lanes(link, msg)
+                elif len(frames) > 1 + len(msg.names):
+                    self._offend(link, f"{count - 1} buffer frames for {len(msg.names)} tensors")
+                else:
+                    self._on_item(link, msg, frames)
+
+    def _rehello(self, link: _Link, who: Who) -> None:
+        """The producer does not know us (it restarted) or challenges us: say hello again."""
+        if who.nonce is not None and who.nonce == link.producer_nonce:
+            return  # this challenge was answered already (a repeat sent before our answer came)
+        if who.nonce is not None and self._token is None:
+            if link.once("needs token"):
+                log.error(
+                    "pipe %s: producer %s requires the job token and this consumer has none "
+                    "(set ConsumerConfig.token, $STEP_TOKEN, or pass the job's registry)",
+                    self.pipe,
+                    link.address,
+                )
+            return
+        link.admitted = False
+        link.session = None
+        held = sum(1 for lk, _ in self._queue if lk is link)
+        credit = max(self.config.prefetch - held, 0)
+        if link.ucx:  # a new producer process: a fresh listener for its endpoint
+            if link.bulk is not None:
+                link.bulk.close()
+            link.bulk = UcxReceiver(link.host, self._pool_keep)
+        self._control(link, self._hello(link, credit, who.nonce))
+
+    def _on_welcome(self, link: _Link, msg: Welcome) -> None:
+        if self._token is None:
+            link.admitted = True
+            return
+        ok = link.producer_nonce is not None and link.nonce is not None
+        if ok:
+            assert link.producer_nonce is not None and link.nonce is not None
+            expected = auth.welcome_proof(
+                self._token, self.pipe, self._ident, link.producer_nonce, link.nonce
+            )
+            ok = auth.check(expected, msg.proof)
+        if not ok:
+            self._offend(link, "welcome without a valid proof of the job token", auth_failure=True)
+            return
+        assert link.producer_nonce is not None and link.nonce is not None
+        link.session = auth.Session(
+            self._token, self.pipe, self._ident, link.producer_nonce, link.nonce
+        )
+        link.admitted = True
+
+    def _open_lanes(self, link: _Link, offer: LanesOffer) -> None:
+        """The producer offered lanes: connect them (a failure leaves the link on zmq frames)."""
+        if link.lanes_wanted == 0 or link.ucx:
+            self._offend(link, "lanes offered on a link that asked for none")
+            return
+        if link.bulk is not None:
+            link.bulk.close()
+            link.bulk = None
+        try:
+            link.bulk = LaneReceiver(
+                link.host,
+                offer.port,
+                offer.token,
+                min(offer.n, link.lanes_wanted),
+                pool_keep=self._pool_keep,
+                max_item_bytes=self.config.max_item_bytes,
+            )
+        except OSError as exc:
+            log.warning("pipe %s: lanes offered but not connected (%s); using zmq", self.pipe, exc)
+
+    def _on_item(self, link: _Link, header: ItemHeader, frames: Sequence[Any]) -> None:
+        if header.flat is not None:
+            self._on_lane_header(link, header, len(frames))
+            return
+        try:
+            item = decode_item(
+                frames,
+                shm=self._shm if link.shm else None,
+                header=header,
+                max_bytes=self.config.max_item_bytes,
+            )
+        except WireError as exc:
+            self._offend(link, f"item {header.seq}: {exc}")
+            return
+        self._link_of_producer[item.producer] = link
+        waiting = self._awaiting.pop((id(link), item.producer, item.seq), None)
+        if waiting is not None:
+            waiting.resent = item  # the lost bytes came again: it keeps its place
+            return
+        if not self._seen.setdefault(item.producer, _Seen()).add(item.seq):
+            self.stats.duplicates += 1
+            self._control(link, CreditMsg(n=1, acks=[item.seq]))
+            return
+        self._queue.append((link, item))
+
+    def _on_lane_header(self, link: _Link, header: ItemHeader, frames: int) -> None:
+        """Queue an item whose bytes come over the link's bulk channel."""
+        try:
+            if frames != 1:
+                raise WireError(f"{frames - 1} buffer frames with a flat payload")
+            total = check_flat(header, self.config.max_item_bytes)
+            assert total is not None
+            seen = self._seen.get(header.prod)
+            if seen is not None and header.seq in seen:
+                self.stats.duplicates += 1
+                if link.bulk is not None and link.bulk.broken is None:
+                    link.bulk.discard(header.seq, total, header)
+                self._control(link, CreditMsg(n=1, acks=[header.seq]))
+                return
+            if link.bulk is not None and link.bulk.broken is None:
+                link.bulk.expect(header.seq, total, header)
+        except (WireError, ValueError) as exc:
+            self._offend(link, f"item {header.seq}: {exc}")
+            return
+        self._link_of_producer[header.prod] = link
+        entry = _LaneItem(header=header, total=total, lanes=link.bulk)
+        self._queue.append((link, entry))
+        if link.bulk is None or link.bulk.broken is not None:
+            self._nack(link, [entry], "no working bulk channel on this link", lanes=0)
+
+    def _nack(self, link: _Link, entries: list[_LaneItem], reason: str, *, lanes: int) -> None:
+        """Ask the producer to send these items again as zmq frames; they keep their place."""
+        for e in entries:
+            e.nacked = True
+            e.arrived = time.monotonic()  # the lane timeout starts again for the resend
+            self._awaiting[(id(link), e.header.prod, e.seq)] = e
+        seqs = [e.seq for e in entries]
+        for i in range(0, max(len(seqs), 1), MAX_ACKS):
+            self._control(link, Nack(seqs=seqs[i : i + MAX_ACKS], lanes=lanes, reason=reason[:512]))
+
+    def _lanes_failed(self, link: _Link, reason: str) -> None:
+        """The link's bulk channel broke: close it, ask again for every item it still owed
+        and for fresh lanes."""
+        self.stats.event("lane_failed", link.address, reason)
+        if link.bulk is not None:
+            link.bulk.close()
+            link.bulk = None
+        owed = [
+            e
+            for lk, e in self._queue
+            if lk is link and isinstance(e, _LaneItem) and not e.nacked and e.resent is None
+        ]
+        self._nack(link, owed, reason, lanes=0 if link.ucx else link.lanes_wanted)
+
+    def _take_lane_item(self, link: _Link, entry: _LaneItem, deadline: float | None) -> Item | None:
+        """Wait (heartbeating) for a lane item's bytes; ``None``: not yet, or dropped."""
+        while entry.resent is None:
+            step = self.config.heartbeat_s
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+            if entry.nacked:  # its bytes come again as zmq frames
+                self._receive(max(0, int(step * 1000)))
+            else:
+                flat = None
+                if entry.lanes is not None and step > 0:
+                    flat = entry.lanes.wait(entry.seq, entry.total, step)
+                if flat is not None:
+                    return self._finish_lane_item(link, entry, flat)
+                broken = entry.lanes is None or entry.lanes.broken is not None
+                late = time.monotonic() > entry.arrived + self.config.lane_timeout_s
+                if broken or late:
+                    why = (
+                        "timed out" if not broken else (entry.lanes.broken if entry.lanes else None)
+                    )
+                    self._lanes_failed(link, why or "no bulk channel")
+            self._heartbeat()
+            if entry.resent is not None:
+                break
+            if entry.nacked and time.monotonic() > entry.arrived + self.config.lane_timeout_s:
+                # not marked seen: the producer still holds it and sends it after a restart
+                # or to another group
+                self._queue.popleft()
+                self._awaiting.pop((id(link), entry.header.prod, entry.seq), None)
+                self.stats.event(
+                    "item_dropped", link.address, f"item {entry.seq}: no bytes after a resend"
+                )
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+        item = entry.resent
+        if not self._seen.setdefault(item.producer, _Seen()).add(item.seq):
+            self._queue.popleft()
+            self.stats.duplicates += 1
+            self._control(link, CreditMsg(n=1, acks=[item.seq]))
+            return None
+        return item
+
+    def _finish_lane_item(self, link: _Link, entry: _LaneItem, flat: memoryview) -> Item | None:
+        try:
+            item = decode_item([b""], flat=flat, header=entry.header)
+        except WireError as exc:
+            self._queue.popleft()
+            self._offend(link, f"lane item {entry.seq}: {exc}")
+            return None
+        if not self._seen.setdefault(item.producer, _Seen()).add(item.seq):
+            self._queue.popleft()  # a duplicate queued twice; ack it again
+            self.stats.duplicates += 1
+            self._control(link, CreditMsg(n=1, acks=[item.seq]))
+            return None
+        return item

@@ -25,16 +25,18 @@ import contextlib
 import logging
 import os
 import queue
+import selectors
 import socket
 import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from step_infra.rpc.messages import ItemHeader
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ HELLO = struct.Struct("<16sII")  # token, lane index, lanes
 ALIGN = 64  # wire.flat_layout aligns tensors to this
 _ZEROS = memoryview(bytes(ALIGN))
 _SOCK_BUF = 4 << 20
+HELLO_TIMEOUT_S = 5.0  # a lane connection must present its token within this
+MAX_PENDING_LANES = 256  # connections accepted but not yet identified
 
 
 def _tune(sock: socket.socket) -> None:
@@ -68,7 +72,7 @@ class LaneListener:
 
     def __init__(self, host: str) -> None:
         self._sock = socket.create_server((host, 0))
-        self._sock.settimeout(0.2)
+        self._sock.setblocking(False)
         self.port: int = self._sock.getsockname()[1]
         self._lock = threading.Lock()
         self._expected: dict[bytes, list[socket.socket | None]] = {}
@@ -112,31 +116,79 @@ class LaneListener:
             s.close()
 
     def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                conn.settimeout(5.0)
-                raw = bytearray(HELLO.size)
-                _recv_exact(conn, memoryview(raw))
-                token, lane, lanes = HELLO.unpack(raw)
-            except (OSError, ConnectionError, struct.error):
+        """Accept connections and read their hellos without blocking on any one of them: a
+        peer that connects and says nothing is closed after ``HELLO_TIMEOUT_S`` and never
+        delays the lanes of others."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ)
+        pending: dict[socket.socket, tuple[float, bytearray]] = {}
+        try:
+            while not self._closed.is_set():
+                for key, _ in sel.select(0.2):
+                    if key.fileobj is self._sock:
+                        self._accept(sel, pending)
+                    else:
+                        self._read_hello(sel, pending, key.fileobj)  # type: ignore[arg-type]
+                now = time.monotonic()
+                for conn in [c for c, (t, _) in pending.items() if now - t > HELLO_TIMEOUT_S]:
+                    log.warning("lanes: closed a connection that sent no hello")
+                    sel.unregister(conn)
+                    del pending[conn]
+                    conn.close()
+        finally:
+            for conn in pending:
                 conn.close()
-                continue
-            with self._lock:
-                socks = self._expected.get(token)
-                ok = socks is not None and lane < len(socks) == lanes and socks[lane] is None
-                if ok:
-                    conn.settimeout(None)
-                    _tune(conn)
-                    socks[lane] = conn  # type: ignore[index]
-            if not ok:
-                log.warning("lanes: refused a connection with an unknown token or lane")
-                conn.close()
+            sel.close()
+
+    def _accept(
+        self, sel: selectors.BaseSelector, pending: dict[socket.socket, tuple[float, bytearray]]
+    ) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, TimeoutError):
+            return
+        except OSError:
+            self._closed.set()  # the listener was closed
+            return
+        if len(pending) >= MAX_PENDING_LANES:
+            conn.close()  # a flood of connections that say nothing: refuse, keep the rest
+            return
+        conn.setblocking(False)
+        pending[conn] = (time.monotonic(), bytearray())
+        sel.register(conn, selectors.EVENT_READ)
+
+    def _read_hello(
+        self,
+        sel: selectors.BaseSelector,
+        pending: dict[socket.socket, tuple[float, bytearray]],
+        conn: socket.socket,
+    ) -> None:
+        _, got = pending[conn]
+        try:
+            chunk = conn.recv(HELLO.size - len(got))
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        got += chunk
+        if chunk and len(got) < HELLO.size:
+            return
+        sel.unregister(conn)
+        del pending[conn]
+        if len(got) < HELLO.size:
+            conn.close()
+            return
+        token, lane, lanes = HELLO.unpack(got)
+        with self._lock:
+            socks = self._expected.get(token)
+            ok = socks is not None and lane < len(socks) == lanes and socks[lane] is None
+            if ok:
+                conn.setblocking(True)
+                _tune(conn)
+                socks[lane] = conn  # type: ignore[index]
+        if not ok:
+            log.warning("lanes: refused a connection with an unknown token or lane")
+            conn.close()
 
 
 @dataclass(slots=True)
@@ -207,6 +259,11 @@ class LaneSender:
                 if not self.broken:
                     log.warning("lanes: lane %d to a consumer failed: %s", lane, exc)
                 self.broken = True
+                # the consumer learns at once (its receive threads fail) and asks for the
+                # items again, instead of waiting for the lane timeout
+                for s in self._socks:
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
                 return
             finally:
                 del job  # hold no item's buffers while idle: the producer frees them on ack
@@ -257,12 +314,18 @@ class BufferPool:
 
 class FlatAssembler:
     """Consumer side, shared by the bulk receivers: items' flat buffers filled by background
-    threads, waited for by the consumer's thread."""
+    threads, waited for by the consumer's thread. At most ``max_items`` items of at most
+    ``max_bytes`` each may be on the way at once: a stripe announcing more is a broken link
+    (``ValueError``), never an allocation."""
 
-    def __init__(self, pool_keep: int = 8) -> None:
+    def __init__(
+        self, pool_keep: int = 8, *, max_bytes: int = 1 << 34, max_items: int = 64
+    ) -> None:
         self._cond = threading.Condition()
         self._items: dict[int, _Flat] = {}
         self._pool = BufferPool(pool_keep)
+        self._max_bytes = max_bytes
+        self._max_items = max_items
         self.broken: str | None = None
 
     def buffer(self, seq: int, total: int) -> np.ndarray:
@@ -318,6 +381,12 @@ class FlatAssembler:
     def _entry(self, seq: int, total: int) -> _Flat:
         entry = self._items.get(seq)
         if entry is None:
+            if total > self._max_bytes:
+                raise ValueError(
+                    f"item {seq}: {total} bytes announced; at most {self._max_bytes} accepted"
+                )
+            if len(self._items) >= self._max_items:
+                raise ValueError(f"item {seq}: {len(self._items)} items already on the way")
             entry = _Flat(self._pool.get(total), total)
             self._items[seq] = entry
         elif entry.total != total:
@@ -336,8 +405,9 @@ class LaneReceiver:
         lanes: int,
         connect_timeout_s: float = 5.0,
         pool_keep: int = 8,
+        max_item_bytes: int = 1 << 34,
     ) -> None:
-        self.assembler = FlatAssembler(pool_keep)
+        self.assembler = FlatAssembler(pool_keep, max_bytes=max_item_bytes)
         self._socks: list[socket.socket] = []
         try:
             for i in range(lanes):
@@ -361,7 +431,7 @@ class LaneReceiver:
         """Why the lanes stopped working, or ``None``."""
         return self.assembler.broken
 
-    def expect(self, seq: int, total: int, header: Mapping[str, Any]) -> None:
+    def expect(self, seq: int, total: int, header: ItemHeader) -> None:
         """Item ``seq``'s header arrived (its stripes fill the buffer on their own)."""
         self.assembler.buffer(seq, total)
 
@@ -369,7 +439,7 @@ class LaneReceiver:
         """Item ``seq``'s flat bytes once all stripes arrived; ``None`` on timeout or failure."""
         return self.assembler.wait(seq, total, timeout_s)
 
-    def discard(self, seq: int, total: int, header: Mapping[str, Any]) -> None:
+    def discard(self, seq: int, total: int, header: ItemHeader) -> None:
         """Item ``seq`` is a duplicate: drop its bytes once they arrived."""
         self.assembler.discard(seq, total)
 
@@ -392,5 +462,5 @@ class LaneReceiver:
                 buf = self.assembler.buffer(seq, total)
                 _recv_exact(sock, memoryview(buf)[offset : offset + length])  # type: ignore[arg-type]
                 self.assembler.filled(seq, length)
-        except (OSError, ConnectionError, ValueError) as exc:
-            self.assembler.fail(str(exc))
+        except Exception as exc:  # whatever it was, the link is broken; the thread ends cleanly
+            self.assembler.fail(f"{type(exc).__name__}: {exc}")

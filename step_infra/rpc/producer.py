@@ -24,22 +24,43 @@ import os
 import tempfile
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import torch
 import zmq
 
+from step_infra.rpc import auth
+from step_infra.rpc.guard import PeerGuard
 from step_infra.rpc.lanes import LaneListener, LaneSender
+from step_infra.rpc.messages import (
+    MAX_CONTROL_BYTES,
+    MAX_CREDIT,
+    Ack,
+    Bye,
+    CreditMsg,
+    Hello,
+    LanesOffer,
+    Nack,
+    Welcome,
+    Who,
+    decode_to_producer,
+    encode,
+)
 from step_infra.rpc.security import CurveKeys, server_options
 from step_infra.rpc.shm import Segment, ShmPool, shm_address, shm_available
 from step_infra.rpc.stats import PipeStats
-from step_infra.rpc.transport import Transport, make_transport
+from step_infra.rpc.transport import Transport, make_transport, recv_bounded
 from step_infra.rpc.ucx import UcxSender, UcxWorker
-from step_infra.rpc.wire import encode_item, shm_bytes, to_flat_frames, to_shm_frames
+from step_infra.rpc.wire import (
+    encode_item,
+    frames_in_segment,
+    shm_bytes,
+    to_flat_frames,
+    to_shm_frames,
+)
 
 if TYPE_CHECKING:
     from step_infra.rpc.registry import RegistryClient
@@ -47,6 +68,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("spray", "broadcast")
+MAX_CHALLENGES = 4096  # outstanding job-token challenges remembered (oldest forgotten first)
+MAX_ADMITTED = 1 << 20  # member nonces remembered per epoch against replayed hellos
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,7 +81,12 @@ class ProducerConfig:
     shm: bool = True
     host: str = "127.0.0.1"
     port: int = 0
+    # the job token members must prove they hold before they get credit or items (auth.py);
+    # None: the registry client's token, else $STEP_TOKEN, else the pipe is open to any peer
+    token: str | bytes | None = field(default=None, repr=False)
     curve: CurveKeys | None = None  # encrypt and authenticate data links (ZeroMQ CURVE)
+    # what this producer holds for items not yet acknowledged by all their receivers (their
+    # buffers or, once sent over shm, their shared-memory copies); send() blocks beyond it
     max_inflight_bytes: int = 512 << 20
     lease_s: float = 10.0
     send_timeout_s: float | None = None
@@ -71,6 +99,10 @@ class ProducerConfig:
     # must not stall while its consumers (re)start keeps working ahead, up to this many items
     # (and max_inflight_bytes); 0: send() returns once every item went to a consumer
     queue_items: int = 0
+    # a peer whose messages were refused this many times (schema, MAC, proof) is dropped and
+    # its messages ignored for ban_s seconds (guard.py)
+    max_offences: int = 8
+    ban_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +115,8 @@ class ProducerConfig:
             raise ValueError(f"queue_items {self.queue_items}; expected >= 0")
         if not 0 <= self.lanes <= 64:
             raise ValueError(f"lanes {self.lanes}; expected 0 (off) to 64")
+        if self.max_offences < 1:
+            raise ValueError(f"max_offences {self.max_offences}; expected >= 1")
         if self.transport == "ucx" and self.curve is not None:
             raise ValueError(
                 "curve keys with transport='ucx': CURVE encrypts zmq links only and UCX would "
@@ -100,6 +134,7 @@ class _Member:
     group_size: int = 0  # members its group announced (0: unknown)
     lane_token: bytes | None = None  # lanes offered, not all connected yet
     bulk: LaneSender | UcxSender | None = None  # where large items' bytes go
+    session: auth.Session | None = None  # set when the member proved the job token
 
 
 @dataclass(slots=True)
@@ -130,12 +165,12 @@ class Producer:
         self.config = config or ProducerConfig()
         tr = transport or make_transport(self.config.transport)  # fails early: ucx without ucxx
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._sock, self.address = tr.bind(
-            self._ctx,
-            self.config.host,
-            self.config.port,
-            server_options(self.config.curve) if self.config.curve else None,
-        )
+        # consumers only ever send small control messages: libzmq disconnects a peer that
+        # sends a larger frame before any of it reaches Python
+        options: dict[int, Any] = {zmq.MAXMSGSIZE: MAX_CONTROL_BYTES}
+        if self.config.curve:
+            options.update(server_options(self.config.curve))
+        self._sock, self.address = tr.bind(self._ctx, self.config.host, self.config.port, options)
         self._pool: ShmPool | None = None
         if self.config.shm and shm_available():
             # same-host consumers connect here and get payloads through shared memory
@@ -143,7 +178,7 @@ class Producer:
             self._sock.bind(ipc)
             self._ipc_path = ipc.removeprefix("ipc://")
             self.address = f"{self.address};{shm_address(ipc)}"
-            self._pool = ShmPool()
+            self._pool = ShmPool(max_bytes=self.config.max_inflight_bytes)
         self._lanes: LaneListener | None = None
         if self.config.lanes and self.config.curve is None and tr.name in ("tcp", "ucx"):
             self._lanes = LaneListener(self.config.host)
@@ -155,6 +190,21 @@ class Producer:
         self._inflight = 0
         self._rr = 0
         self.stats = PipeStats(pipe=pipe)
+        self._token = auth.resolve_token(
+            self.config.token, registry.token if registry is not None else None
+        )
+        self._challenges: OrderedDict[bytes, bytes] = OrderedDict()  # ident -> nonce sent
+        self._epoch = auth.nonce()  # published in the address: members prove the token on it
+        self._admitted: OrderedDict[bytes, None] = OrderedDict()  # member nonces (no replays)
+        if self._token is not None:
+            self.address = auth.with_epoch(self.address, self._epoch)
+        self._guard = PeerGuard(
+            f"pipe {pipe} producer {name}",
+            max_offences=self.config.max_offences,
+            ban_s=self.config.ban_s,
+        )
+        if self._token is None:
+            log.info("pipe %s: no job token; the data plane admits any peer", pipe)
         self._registry = registry
         if registry is not None:
             registry.create_pipe(pipe, self.config.mode)
@@ -319,6 +369,10 @@ class Producer:
             assert self._pool is not None, "a member announced shm on a producer without shm"
             pending.segment = self._pool.acquire(shm_bytes(pending.frames))
             pending.shm_frames = to_shm_frames(pending.frames, pending.segment)
+            # hold the bytes once: later sends (tcp members, resends) read the segment, and
+            # the caller's tensors can go (max_inflight_bytes counts each item once)
+            pending.frames = frames_in_segment(pending.frames, pending.segment)
+            pending.flat = None
         return pending.shm_frames
 
     def _flat(self, pending: _Pending) -> tuple[bytes, list[memoryview], list[int], int]:
@@ -368,68 +422,181 @@ class Producer:
         wait = timeout_ms
         while self._sock.poll(wait, zmq.POLLIN):
             wait = 0
-            frames = self._sock.recv_multipart()
-            if len(frames) != 2:
-                self.stats.malformed += 1
+            frames, count = recv_bounded(self._sock, 3)
+            ident = bytes(frames[0])
+            if self._guard.banned(ident):
+                self.stats.refused += 1
                 continue
-            self._on_control(frames[0], frames[1])
+            if count not in (2, 3):
+                self._offend(ident, f"{count - 1} frames; expected a message (and a MAC)")
+                continue
+            mac = bytes(frames[2]) if len(frames) == 3 else None
+            self._on_control(ident, bytes(frames[1]), mac)
         self._expire()
         if self._registry is not None:
             self._registry.keep_alive()
 
-    def _on_control(self, ident: bytes, raw: bytes) -> None:
-        try:
-            msg = msgpack.unpackb(raw, raw=False)
-            kind = msg["k"]
-        except Exception:  # garbage from a peer: count and drop, keep the link
+    def _send_control(self, ident: bytes, msg: Any) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # the peer is gone: nothing to tell it
+            self._sock.send_multipart([ident, encode(msg)])
+
+    def _offend(self, ident: bytes, reason: str, *, auth_failure: bool = False) -> None:
+        """Count a refused message of ``ident``; drop the peer when it keeps offending."""
+        if auth_failure:
+            self.stats.unauthenticated += 1
+        else:
             self.stats.malformed += 1
-            log.warning("pipe %s: malformed control frame from %r", self.pipe, ident)
-            return
-        now = time.monotonic()
-        member = self._members.get(ident)
-        if kind == "hello":
-            group = str(msg.get("group", ""))
-            shm = bool(msg.get("shm", False)) and self._pool is not None
+        if self._guard.offend(ident, reason):
+            self._challenges.pop(ident, None)
+            self.stats.dropped_peers += 1
+            self.stats.event("peer_dropped", ident, reason)
+            member = self._members.get(ident)
             if member is not None:
-                self._release_lanes(member)
-            member = _Member(
-                ident,
-                group,
-                int(msg.get("credit", 1)),
-                now,
-                shm,
-                group_size=int(msg.get("size", 0) or 0),
-            )
-            self._members[ident] = member
-            log.info("pipe %s: %r joined group %r", self.pipe, ident, group)
-            want = int(msg.get("lanes", 0) or 0)
-            ucx = msg.get("ucx")
-            if self._ucx is not None and not shm and isinstance(ucx, str):
-                try:
-                    member.bulk = UcxSender(self._ucx, ucx)
-                except Exception as exc:  # ucxx raises its own error types
-                    log.warning("pipe %s: no ucx endpoint to %r (%s)", self.pipe, ident, exc)
-            elif self._lanes is not None and not shm and want > 0:
-                lanes = min(want, self.config.lanes)
-                member.lane_token = self._lanes.expect(lanes)
-                offer = {"v": 1, "k": "lanes", "port": self._lanes.port, "n": lanes}
-                offer["token"] = member.lane_token
-                with contextlib.suppress(zmq.ZMQError):
-                    self._sock.send_multipart([ident, msgpack.packb(offer, use_bin_type=True)])
+                self._drop(member)
+
+    def _on_control(self, ident: bytes, raw: bytes, mac: bytes | None) -> None:
+        msg = decode_to_producer(raw)
+        if isinstance(msg, str):
+            self._offend(ident, msg)
+            return
+        member = self._members.get(ident)
+        if isinstance(msg, Hello):
+            self._on_hello(ident, msg, member)
             return
         if member is None:
-            # unknown peer (we restarted, or its lease expired): ask it to say hello again
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.send_multipart([ident, msgpack.packb({"v": 1, "k": "who"})])
+            if ident in self._challenges:  # told to prove the token, did something else
+                self._offend(
+                    ident,
+                    f"sent {type(msg).__name__} without proving the job token",
+                    auth_failure=True,
+                )
+            self._challenge(ident)  # unknown peer (we restarted, its lease expired): hello again
             return
-        member.last_seen = now
-        if kind == "credit":
-            member.credit += int(msg.get("n", 1))
-        if kind in ("credit", "ack"):
-            for seq in msg.get("acks", ()):
-                self._ack(int(seq), member)
-        if kind == "bye":
+        if member.session is not None:
+            if not member.session.verify(raw, mac):
+                self._offend(ident, "control message without its session's MAC", auth_failure=True)
+                return
+            if not member.session.accept_counter(msg.c):
+                self._offend(
+                    ident, f"replayed control message (counter {msg.c})", auth_failure=True
+                )
+                return
+        member.last_seen = time.monotonic()
+        if isinstance(msg, CreditMsg):
+            member.credit = min(member.credit + msg.n, MAX_CREDIT)
+        if isinstance(msg, (CreditMsg, Ack)):
+            for seq in msg.acks:
+                self._ack(seq, member)
+        elif isinstance(msg, Nack):
+            self._on_nack(member, msg)
+        elif isinstance(msg, Bye):
             self._drop(member)
+
+    def _challenge(self, ident: bytes) -> None:
+        """Ask ``ident`` to say hello (answering a fresh nonce when the pipe has a token)."""
+        if self._token is None:
+            self._send_control(ident, Who())
+            return
+        nonce = self._challenges.get(ident)
+        if nonce is None:
+            nonce = self._challenges[ident] = auth.nonce()
+            while len(self._challenges) > MAX_CHALLENGES:
+                self._challenges.popitem(last=False)
+        self._send_control(ident, Who(nonce=nonce))
+
+    def _on_hello(self, ident: bytes, msg: Hello, member: _Member | None) -> None:
+        session: auth.Session | None = None
+        welcome = Welcome()
+        if self._token is not None:
+            session = self._authenticate(ident, msg, member)
+            if session is None:
+                return
+            assert msg.pnonce is not None and msg.nonce is not None
+            welcome = Welcome(
+                proof=auth.welcome_proof(self._token, self.pipe, ident, msg.pnonce, msg.nonce)
+            )
+        shm = msg.shm and self._pool is not None
+        if member is not None:
+            self._release_lanes(member)
+        member = _Member(
+            ident,
+            msg.group,
+            msg.credit,
+            time.monotonic(),
+            shm,
+            group_size=msg.size,
+            session=session,
+        )
+        self._members[ident] = member
+        log.info("pipe %s: %r joined group %r", self.pipe, ident, msg.group)
+        self._send_control(ident, welcome)  # before any item: the member checks it first
+        if self._ucx is not None and not shm and msg.ucx is not None:
+            try:
+                member.bulk = UcxSender(self._ucx, msg.ucx)
+            except Exception as exc:  # ucxx raises its own error types
+                log.warning("pipe %s: no ucx endpoint to %r (%s)", self.pipe, ident, exc)
+        elif not shm and msg.lanes > 0:
+            self._offer_lanes(member, msg.lanes)
+
+    def _authenticate(
+        self, ident: bytes, msg: Hello, member: _Member | None
+    ) -> auth.Session | None:
+        """The session of a hello that proves the job token; ``None``: refused or challenged."""
+        assert self._token is not None
+        challenge = self._challenges.get(ident)
+        if msg.proof is None or msg.nonce is None or msg.pnonce is None:
+            if challenge is not None:  # a second hello that does not answer the challenge
+                self._offend(ident, "hello without proof of the job token", auth_failure=True)
+            self._challenge(ident)
+            return None
+        if msg.pnonce == self._epoch:
+            if msg.nonce in self._admitted:
+                self._offend(ident, "replayed hello", auth_failure=True)
+                return None
+        elif msg.pnonce != challenge:
+            # answers a challenge we no longer hold, or another process's epoch (we restarted):
+            # a repeat of an answered challenge is ignored, anything else challenged afresh
+            if member is None or member.session is None:
+                self._challenge(ident)
+            return None
+        expected = auth.hello_proof(self._token, self.pipe, ident, msg.pnonce, msg.nonce)
+        if not auth.check(expected, msg.proof):
+            self._offend(ident, "hello with a wrong proof of the job token", auth_failure=True)
+            return None
+        self._challenges.pop(ident, None)
+        self._admitted[msg.nonce] = None
+        while len(self._admitted) > MAX_ADMITTED:
+            self._admitted.popitem(last=False)
+        return auth.Session(self._token, self.pipe, ident, msg.pnonce, msg.nonce)
+
+    def _offer_lanes(self, member: _Member, wanted: int) -> None:
+        if self._lanes is None:
+            return
+        lanes = min(wanted, self.config.lanes)
+        member.lane_token = self._lanes.expect(lanes)
+        self._send_control(
+            member.ident, LanesOffer(port=self._lanes.port, token=member.lane_token, n=lanes)
+        )
+
+    def _on_nack(self, member: _Member, msg: Nack) -> None:
+        """The member lost these items' bytes (its lanes broke): send them again as zmq
+        frames, to this member only, and offer fresh lanes if it asks."""
+        self.stats.event("nack", member.ident, msg.reason or "item bytes lost")
+        self._release_lanes(member)
+        for seq in msg.seqs:
+            pending = self._pending.get(seq)
+            if pending is None or member.ident not in pending.waiting.get(member.group, ()):
+                continue  # acknowledged already, or never sent to this member
+            frames = self._shm_frames(pending) if member.shm else pending.frames
+            try:
+                self._sock.send_multipart([member.ident, *frames], copy=False)
+            except zmq.ZMQError as exc:
+                log.warning("pipe %s: member %r unreachable: %s", self.pipe, member.ident, exc)
+                self._drop(member)
+                return
+            self.stats.resent += 1
+        if msg.lanes and not member.shm:
+            self._offer_lanes(member, msg.lanes)
 
     def _ack(self, seq: int, member: _Member) -> None:
         pending = self._pending.get(seq)

@@ -165,6 +165,7 @@ class RegistryClient:
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.RegistryStub(self._channel)
         self._md = ((TOKEN_KEY, token),) if token else ()
+        self.token = token  # the job token; producers and consumers prove it on data links
         self._timeout = timeout_s
         self._registered: dict[tuple[str, str, str], pb.Endpoint] = {}
         self._last_beat = time.monotonic()

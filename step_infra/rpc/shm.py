@@ -19,6 +19,7 @@ import mmap
 import os
 import socket
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -91,21 +92,43 @@ def _create(size: int) -> Segment:
 
 
 class ShmPool:
-    """Producer side: segments handed out per item and returned once it is acknowledged."""
+    """Producer side: segments handed out per item and returned once it is acknowledged.
 
-    def __init__(self) -> None:
+    Free segments are kept for reuse while all segments together stay within ``max_bytes``
+    (the producer's in-flight bound); making a new one first unmaps free ones that do not fit.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
         self._free: list[Segment] = []
         self._all: list[Segment] = []
+        self._max_bytes = max_bytes
         remove_stale_segments()
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of every segment this pool holds, in use or free."""
+        return sum(seg.size for seg in self._all)
 
     def acquire(self, size: int) -> Segment:
         """A free segment of at least ``size`` bytes (reused when possible)."""
-        for i, seg in enumerate(self._free):
-            if seg.size >= size:
-                return self._free.pop(i)
+        fits = [i for i, seg in enumerate(self._free) if seg.size >= size]
+        if fits:  # the smallest that fits, so large segments stay for large items
+            return self._free.pop(min(fits, key=lambda i: self._free[i].size))
+        if self._max_bytes is not None:
+            self._free.sort(key=lambda seg: seg.size)
+            while self._free and self.mapped_bytes + size > self._max_bytes:
+                self._unlink(self._free.pop())  # the largest free segment first
         seg = _create(size)
         self._all.append(seg)
         return seg
+
+    def _unlink(self, seg: Segment) -> None:
+        self._all.remove(seg)
+        with contextlib.suppress(BufferError):  # a view still out (zmq sending): unmapped by gc
+            seg.view.release()
+            seg.mm.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM_DIR, seg.name))
 
     def release(self, seg: Segment) -> None:
         """Return a segment for reuse."""
@@ -113,20 +136,19 @@ class ShmPool:
 
     def close(self) -> None:
         """Unmap and unlink every segment."""
-        for seg in self._all:
-            seg.view.release()
-            seg.mm.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(SHM_DIR, seg.name))
-        self._all.clear()
+        for seg in list(self._all):
+            self._unlink(seg)
         self._free.clear()
 
 
 class ShmReader:
-    """Consumer side: maps segments by name once and returns views into them."""
+    """Consumer side: maps segments by name once and returns views into them. At most
+    ``keep`` mappings are kept (least recently used dropped first: a producer unlinks and
+    replaces segments, and a mapping kept for ever would keep their pages)."""
 
-    def __init__(self) -> None:
-        self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+    def __init__(self, keep: int = 64) -> None:
+        self._maps: OrderedDict[str, tuple[mmap.mmap, memoryview]] = OrderedDict()
+        self._keep = keep
 
     def view(self, name: str, offset: int, nbytes: int) -> memoryview:
         """``nbytes`` at ``offset`` of segment ``name``; raises ValueError if out of range."""
@@ -141,6 +163,10 @@ class ShmReader:
                 os.close(fd)
             entry = (mm, memoryview(mm))
             self._maps[name] = entry
+            while len(self._maps) > self._keep:
+                self._maps.popitem(last=False)  # tensors still using it keep it mapped
+        else:
+            self._maps.move_to_end(name)
         if offset < 0 or nbytes < 0 or offset + nbytes > len(entry[1]):
             raise ValueError(f"range {offset}+{nbytes} outside segment {name!r}")
         return entry[1][offset : offset + nbytes]
@@ -162,7 +188,7 @@ def select_endpoint(address: str, force: str | None = None) -> tuple[str, bool]:
     followed by ``;shm://<hostname>/path``. Same host -> shm unless ``force`` names another
     transport; ``force="tcp"`` turns a ``ucx://`` endpoint into its plain tcp link.
     """
-    parts = address.split(";")
+    parts = [p for p in address.split(";") if "://" in p]  # other parts: e.g. auth's epoch
     tcp = next((p for p in parts if not p.startswith("shm://")), None)
     shm = next((p for p in parts if p.startswith("shm://")), None)
     if force not in (None, "tcp", "shm", "ucx"):

@@ -176,6 +176,20 @@ class UcxTransport:
         return _connect_dealer(ctx, "tcp://" + address.split("://", 1)[1], identity, options)
 
 
+def recv_bounded(sock: zmq.Socket[bytes], max_frames: int) -> tuple[list[zmq.Frame], int]:
+    """One multipart message without copying: its first ``max_frames`` frames and how many it
+    had (a peer's surplus frames are read and let go, never held)."""
+    frames: list[zmq.Frame] = []
+    count = 0
+    while True:
+        part = sock.recv(copy=False)
+        count += 1
+        if len(frames) < max_frames:
+            frames.append(part)
+        if not part.more:
+            return frames, count
+
+
 def make_transport(name: str) -> Transport:
     """The transport called ``name`` (``tcp``, ``ipc`` or ``ucx``)."""
     if name == "tcp":

@@ -21,12 +21,13 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from step_infra.rpc.lanes import BufferPool
+from step_infra.rpc.messages import ItemHeader
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +162,12 @@ class UcxReceiver:
         self._discarded: list[tuple[np.ndarray, list[Any]]] = []
         self.broken: str | None = None
 
-    def expect(self, seq: int, total: int, header: Mapping[str, Any]) -> None:
+    def expect(self, seq: int, total: int, header: ItemHeader) -> None:
         """Post the receives of item ``seq`` (its header announced ``total`` flat bytes)."""
         if seq in self._items:
             return
-        offs, sizes = header.get("offs"), header.get("sizes")
-        if not (isinstance(offs, list) and isinstance(sizes, list) and len(offs) == len(sizes)):
+        offs, sizes = header.offs, header.sizes
+        if offs is None or sizes is None or len(offs) != len(sizes):
             raise ValueError(f"item {seq}: header lacks tensor offsets/sizes")
         buf = self._pool.get(total)
         view = memoryview(buf)  # type: ignore[arg-type]
@@ -206,7 +207,7 @@ class UcxReceiver:
             return None
         return memoryview(buf)[:total]  # type: ignore[arg-type]
 
-    def discard(self, seq: int, total: int, header: Mapping[str, Any]) -> None:
+    def discard(self, seq: int, total: int, header: ItemHeader) -> None:
         """Item ``seq`` is a duplicate: receive its bytes (so UCX does not hold them) and drop."""
         self.expect(seq, total, header)
         buf, reqs, _ = self._items.pop(seq)

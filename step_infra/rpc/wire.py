@@ -3,23 +3,25 @@
 Why this shape: the header is small and self-describing (pipe, producer, sequence number,
 tensor names, dtypes, shapes, metadata), and the tensor bytes travel as separate frames so
 that pyzmq can send them with ``copy=False`` and the consumer can wrap them with
-``torch.frombuffer`` without another copy. Nothing on the wire is pickled: a hostile or
-corrupt peer can at worst make :func:`decode_item` raise :class:`WireError`, which callers
-count and drop.
+``torch.frombuffer`` without another copy. Nothing on the wire is pickled: the header is
+checked against :class:`~step_infra.rpc.messages.ItemHeader` and every size against the shapes
+it announces, so a hostile or corrupt peer can at worst make :func:`decode_item` raise
+:class:`WireError`, which callers count and drop.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+import msgspec
 import torch
 
-WIRE_VERSION = 1
-KIND_ITEM = "item"
+from step_infra.rpc import messages
+from step_infra.rpc.messages import MAX_TENSORS, WIRE_VERSION, ItemHeader, encode
 
 # Every dtype a tensor on the wire may have, by its wire name.
 _DTYPES: dict[str, torch.dtype] = {
@@ -40,10 +42,10 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
     if hasattr(torch, _name):
         _DTYPES[_name] = getattr(torch, _name)
 _NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty((), dtype=d).element_size() for d in _NAMES}
 del _name
 
-MAX_HEADER_BYTES = 1 << 20
-MAX_TENSORS = 4096
+__all__ = ["MAX_TENSORS", "WIRE_VERSION", "Item", "WireError", "decode_item", "encode_item"]
 
 
 class WireError(ValueError):
@@ -113,20 +115,19 @@ def encode_item(
         dtypes.append(_NAMES[tensor.dtype])
         shapes.append(list(tensor.shape))
         buffers.append(buf)
-    header = {
-        "v": WIRE_VERSION,
-        "k": KIND_ITEM,
-        "pipe": pipe,
-        "prod": producer,
-        "seq": int(seq),
-        "names": names,
-        "dtypes": dtypes,
-        "shapes": shapes,
-        "meta": dict(metadata or {}),
-    }
+    header = ItemHeader(
+        v=WIRE_VERSION,
+        pipe=pipe,
+        prod=producer,
+        seq=int(seq),
+        names=names,
+        dtypes=dtypes,
+        shapes=shapes,
+        meta=dict(metadata or {}),
+    )
     try:
-        head = msgpack.packb(header, use_bin_type=True)
-    except (TypeError, ValueError) as exc:
+        head = encode(header)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(
             f"item metadata must be msgpack-serialisable (str/int/float/bool/bytes/list/dict): "
             f"{exc}"
@@ -134,19 +135,12 @@ def encode_item(
     return [head, *buffers]
 
 
-def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
-    """Parse and validate a header frame; raises :class:`WireError` on anything odd."""
-    raw = bytes(frame)
-    if len(raw) > MAX_HEADER_BYTES:
-        raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises many types on garbage
-        raise WireError(f"header is not valid msgpack: {exc!r}") from exc
-    if not isinstance(header, dict):
-        raise WireError(f"header is a {type(header).__name__}; expected a map")
-    if header.get("v") != WIRE_VERSION:
-        raise WireError(f"wire version {header.get('v')!r}; expected {WIRE_VERSION}")
+def decode_header(frame: bytes | memoryview) -> ItemHeader:
+    """Parse and validate a header frame against :class:`~step_infra.rpc.messages.ItemHeader`;
+    raises :class:`WireError` with the reason on anything odd."""
+    header = messages.decode_header(frame)
+    if isinstance(header, str):
+        raise WireError(header)
     return header
 
 
@@ -161,9 +155,20 @@ def to_shm_frames(frames: Sequence[bytes | memoryview], segment: Any) -> list[by
         _parallel_copy(segment.view[off : off + view.nbytes], view)
         offsets.append(off)
         off += (view.nbytes + 63) // 64 * 64  # 64-byte aligned tensors
-    header["shm"] = segment.name
-    header["offs"] = offsets
-    return [msgpack.packb(header, use_bin_type=True)]
+    return [encode(msgspec.structs.replace(header, shm=segment.name, offs=offsets))]
+
+
+def frames_in_segment(frames: Sequence[bytes | memoryview], segment: Any) -> list[Any]:
+    """``frames`` with every buffer replaced by its copy in ``segment`` (as
+    :func:`to_shm_frames` laid them out), so the producer can let the caller's tensors go and
+    hold each in-flight item's bytes once."""
+    out: list[Any] = [frames[0]]
+    off = 0
+    for buf in frames[1:]:
+        n = memoryview(buf).nbytes
+        out.append(segment.view[off : off + n])
+        off += (n + 63) // 64 * 64
+    return out
 
 
 def _parallel_copy(dst: memoryview, src: memoryview) -> None:
@@ -190,11 +195,10 @@ def to_flat_frames(
     buffers, their offsets in the flat payload and its size (see :func:`flat_layout`)."""
     header = decode_header(frames[0])
     buffers = [memoryview(b).cast("B") for b in frames[1:]]
-    offsets, total = flat_layout([b.nbytes for b in buffers])
-    header["flat"] = total
-    header["offs"] = offsets
-    header["sizes"] = [b.nbytes for b in buffers]
-    return msgpack.packb(header, use_bin_type=True), buffers, offsets, total
+    sizes = [b.nbytes for b in buffers]
+    offsets, total = flat_layout(sizes)
+    head = encode(msgspec.structs.replace(header, flat=total, offs=offsets, sizes=sizes))
+    return head, buffers, offsets, total
 
 
 def flat_layout(sizes: Sequence[int]) -> tuple[list[int], int]:
@@ -208,18 +212,48 @@ def flat_layout(sizes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, off
 
 
-def flat_size(header: Mapping[str, Any]) -> int | None:
-    """The flat payload size a header announces (``None``: buffers travel as frames)."""
-    total = header.get("flat")
-    if total is None:
-        return None
-    if not isinstance(total, int) or total < 0:
-        raise WireError(f"flat payload size {total!r}; expected a non-negative int")
+def item_bytes(header: ItemHeader) -> int:
+    """Payload bytes the header's tensors need, from their shapes and dtypes; raises
+    :class:`WireError` when the lists disagree or a dtype is unknown."""
+    if not len(header.names) == len(header.dtypes) == len(header.shapes):
+        raise WireError(
+            f"inconsistent tensor lists: {len(header.names)} names, {len(header.dtypes)} "
+            f"dtypes, {len(header.shapes)} shapes"
+        )
+    total = 0
+    for name, dname, shape in zip(header.names, header.dtypes, header.shapes, strict=True):
+        dtype = _DTYPES.get(dname)
+        if dtype is None:
+            raise WireError(f"tensor {name!r}: unknown dtype {dname!r}")
+        total += math.prod(shape) * _ITEMSIZE[dtype]
     return total
 
 
+def check_flat(header: ItemHeader, max_bytes: int) -> int | None:
+    """The flat payload a header announces (``None``: buffers travel as frames), checked
+    against what its shapes need and ``max_bytes`` before a receiver allocates anything."""
+    if header.flat is None:
+        return None
+    need = item_bytes(header)
+    if header.flat > max_bytes:
+        raise WireError(
+            f"item {header.seq} announces a {header.flat}-byte payload; this consumer accepts "
+            f"at most {max_bytes} (ConsumerConfig.max_item_bytes)"
+        )
+    if header.flat < need or header.flat > need + 64 * len(header.names):
+        raise WireError(
+            f"item {header.seq} announces a {header.flat}-byte payload for {need} bytes of tensors"
+        )
+    return header.flat
+
+
 def decode_item(
-    frames: Sequence[bytes | memoryview | Any], shm: Any = None, flat: memoryview | None = None
+    frames: Sequence[bytes | memoryview | Any],
+    shm: Any = None,
+    flat: memoryview | None = None,
+    *,
+    header: ItemHeader | None = None,
+    max_bytes: int | None = None,
 ) -> Item:
     """Rebuild an :class:`Item` from frames; tensors alias the frame buffers (no copy).
 
@@ -227,80 +261,66 @@ def decode_item(
     or the buffer protocol). Raises :class:`WireError` for malformed or truncated input.
     A header naming a shared-memory segment needs ``shm`` (a
     :class:`~step_infra.rpc.shm.ShmReader`) and carries no buffer frames; a header announcing
-    a flat payload (``flat``) needs that payload, received over a bulk channel.
+    a flat payload (``flat``) needs that payload, received over a bulk channel. ``header``: the
+    first frame already decoded; ``max_bytes``: the most payload an item may announce.
     """
     if not frames:
         raise WireError("empty message")
-    header = decode_header(_as_buffer(frames[0]))
-    if header.get("k") != KIND_ITEM:
-        raise WireError(f"message kind {header.get('k')!r}; expected {KIND_ITEM!r}")
-    try:
-        pipe = str(header["pipe"])
-        producer = str(header["prod"])
-        seq = header["seq"]
-        names = header["names"]
-        dtypes = header["dtypes"]
-        shapes = header["shapes"]
-        meta = header["meta"]
-    except KeyError as exc:
-        raise WireError(f"header lacks field {exc}") from exc
-    if not isinstance(seq, int) or seq < 0:
-        raise WireError(f"sequence number {seq!r}; expected a non-negative int")
-    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
-        raise WireError("names, dtypes and shapes must be lists")
-    if not (len(names) == len(dtypes) == len(shapes)) or len(names) > MAX_TENSORS:
-        raise WireError(f"inconsistent tensor lists: {len(names)}/{len(dtypes)}/{len(shapes)}")
-    seg = header.get("shm")
-    offs = header.get("offs")
-    total = flat_size(header)
+    if header is None:
+        header = decode_header(_as_buffer(frames[0]))
+    names, dtypes, shapes, offs = header.names, header.dtypes, header.shapes, header.offs
+    need = item_bytes(header)
+    if max_bytes is not None and need > max_bytes:
+        raise WireError(f"item {header.seq} needs {need} bytes; at most {max_bytes} accepted")
+    seg = header.shm
+    total = header.flat
     if total is not None:
         if flat is None or flat.nbytes != total:
             raise WireError(f"item announces a {total}-byte flat payload; none received")
-        if not isinstance(offs, list) or len(offs) != len(names) or len(frames) != 1:
+        if offs is None or len(offs) != len(names) or len(frames) != 1:
             raise WireError(f"bad flat payload fields {offs!r} with {len(frames)} frames")
     elif seg is not None:
         if shm is None:
             raise WireError("item points at shared memory but this link has no shm reader")
-        if not isinstance(seg, str) or not isinstance(offs, list) or len(offs) != len(names):
+        if offs is None or len(offs) != len(names):
             raise WireError(f"bad shared-memory fields {seg!r} {offs!r}")
         if len(frames) != 1:
             raise WireError(f"{len(frames) - 1} buffer frames in a shared-memory item")
     elif len(frames) != 1 + len(names):
         raise WireError(f"{len(frames) - 1} buffer frames for {len(names)} tensors (truncated?)")
-    if not isinstance(meta, dict):
-        raise WireError(f"metadata is a {type(meta).__name__}; expected a map")
     tensors: dict[str, torch.Tensor] = {}
     bulk = seg is not None or total is not None
     sources: Sequence[Any] = list(offs or ()) if bulk else frames[1:]
     for name, dname, shape, frame in zip(names, dtypes, shapes, sources, strict=True):
-        dtype = _DTYPES.get(dname) if isinstance(dname, str) else None
-        if dtype is None:
-            raise WireError(f"tensor {name!r}: unknown dtype {dname!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise WireError(f"tensor {name!r}: bad shape {shape!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        dtype = _DTYPES[dname]
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         if total is not None:
             off = frame
-            if not isinstance(off, int) or off < 0 or off + numel * itemsize > total:
+            if off + nbytes > total:
                 raise WireError(f"tensor {name!r}: offset {off!r} outside the flat payload")
-            buf = flat[off : off + numel * itemsize]  # type: ignore[index]
+            buf = flat[off : off + nbytes]  # type: ignore[index]
         elif seg is not None:
             try:
-                buf = shm.view(seg, int(frame), numel * itemsize)
+                buf = shm.view(seg, int(frame), nbytes)
             except (ValueError, OSError, TypeError) as exc:
                 raise WireError(f"tensor {name!r}: shared memory unreadable: {exc}") from exc
         else:
             buf = _as_buffer(frame)
-        if buf.nbytes != numel * itemsize:
+        if buf.nbytes != nbytes:
             raise WireError(
-                f"tensor {name!r}: {buf.nbytes} bytes for shape {shape} {dname} "
-                f"(expected {numel * itemsize})"
+                f"tensor {name!r}: {buf.nbytes} bytes for shape {shape} {dname} (expected {nbytes})"
             )
-        tensors[str(name)] = _tensor_from_buffer(buf, dtype, shape)
-    return Item(pipe=pipe, producer=producer, seq=seq, tensors=tensors, metadata=meta)
+        try:
+            tensors[str(name)] = _tensor_from_buffer(buf, dtype, shape)
+        except (RuntimeError, ValueError) as exc:  # e.g. a zero-size shape torch cannot index
+            raise WireError(f"tensor {name!r}: shape {shape} unusable: {exc}") from exc
+    return Item(
+        pipe=header.pipe,
+        producer=header.prod,
+        seq=header.seq,
+        tensors=tensors,
+        metadata=header.meta,
+    )
 
 
 def _as_buffer(frame: Any) -> memoryview:

@@ -332,8 +332,8 @@ def test_item_sent_to_a_vanished_member_goes_to_a_live_group() -> None:
     with Producer("p", config=ProducerConfig(lease_s=30.0)) as prod:
         ghost = Consumer("p", [prod.address], group="ghost", config=tcp)
         prod.wait_for_consumers(groups=1)
-        for sock in ghost._socks:  # the process died: its socket is gone, no "bye"
-            sock.close(linger=0)
+        for link in ghost._links:  # the process died: its socket is gone, no "bye"
+            link.sock.close(linger=0)
         time.sleep(0.3)
         live = Consumer("p", [prod.address], group="live", config=tcp)
         prod.wait_for_consumers(groups=2)

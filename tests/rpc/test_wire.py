@@ -75,7 +75,7 @@ def test_truncated_and_inconsistent_rejected() -> None:
             "meta": {},
         }
     )
-    with pytest.raises(WireError, match="sequence"):
+    with pytest.raises(WireError, match=r"\$\.seq"):
         decode_item([bad])
     bad = msgpack.packb(
         {
