@@ -592,8 +592,10 @@ class Consumer:
         self._link_of_producer[header.prod] = link
         entry = _LaneItem(header=header, total=total, lanes=link.bulk)
         self._queue.append((link, entry))
-        if link.bulk is None or link.bulk.broken is not None:
-            self._nack(link, [entry], "no working bulk channel on this link", lanes=0)
+        if link.bulk is None:
+            self._nack(link, [entry], "no bulk channel on this link", lanes=0)
+        elif link.bulk.broken is not None:
+            self._lanes_failed(link, link.bulk.broken)
 
     def _nack(self, link: _Link, entries: list[_LaneItem], reason: str, *, lanes: int) -> None:
         """Ask the producer to send these items again as zmq frames; they keep their place."""

@@ -95,6 +95,9 @@ class ProducerConfig:
     # Links with CURVE never use lanes (they are not encrypted).
     lanes: int = 4
     lane_min_bytes: int = 1 << 20
+    # a member's large items wait up to this long after its lanes were offered for them to
+    # connect, rather than going out as zmq frames (several times slower for 64 MiB items)
+    lane_wait_s: float = 2.0
     # items send() may leave queued for lack of consumer credit before it blocks: a stage that
     # must not stall while its consumers (re)start keeps working ahead, up to this many items
     # (and max_inflight_bytes); 0: send() returns once every item went to a consumer
@@ -133,6 +136,7 @@ class _Member:
     shm: bool = False
     group_size: int = 0  # members its group announced (0: unknown)
     lane_token: bytes | None = None  # lanes offered, not all connected yet
+    lanes_offered: float = 0.0  # when (monotonic s)
     bulk: LaneSender | UcxSender | None = None  # where large items' bytes go
     session: auth.Session | None = None  # set when the member proved the job token
 
@@ -188,6 +192,7 @@ class Producer:
         self._pending: dict[int, _Pending] = {}
         self._resend: deque[int] = deque()
         self._inflight = 0
+        self._unsegmented = 0  # bytes of pending items held as their own buffers (no shm copy)
         self._rr = 0
         self.stats = PipeStats(pipe=pipe)
         self._token = auth.resolve_token(
@@ -215,6 +220,13 @@ class Producer:
     def inflight_bytes(self) -> int:
         """Bytes sent but not yet acknowledged by every receiving member."""
         return self._inflight
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory this producer holds for its items: the buffers of items without a shared-
+        memory copy, plus every segment it has mapped (in use or kept for reuse). ``send``
+        keeps it within ``max_inflight_bytes`` (plus the one item being sent)."""
+        return self._unsegmented + (self._pool.mapped_bytes if self._pool is not None else 0)
 
     @property
     def unacked(self) -> int:
@@ -253,10 +265,13 @@ class Producer:
             if self.config.send_timeout_s is None
             else time.monotonic() + self.config.send_timeout_s
         )
-        while self._inflight > 0 and self._inflight + nbytes > self.config.max_inflight_bytes:
+        while self.held_bytes > 0 and self.held_bytes + nbytes > self.config.max_inflight_bytes:
+            if self._pool is not None and self._pool.trim():
+                continue  # idle shared-memory segments were holding the room: let them go
             self._wait(deadline)
         self._pending[seq] = _Pending(frames=frames, nbytes=nbytes)
         self._inflight += nbytes
+        self._unsegmented += nbytes
         self._resend.append(seq)
         self._pump(deadline, keep=self.config.queue_items)
         return seq
@@ -314,7 +329,10 @@ class Producer:
         ``keep`` items are left queued (or ``deadline`` passes)."""
         while self._resend:
             self._service(0)
-            targets = self._targets()
+            head = self._pending.get(self._resend[0])
+            targets = self._targets(
+                big=head is not None and head.nbytes >= self.config.lane_min_bytes
+            )
             if targets is None:
                 if len(self._resend) <= keep:
                     return
@@ -373,6 +391,7 @@ class Producer:
             # the caller's tensors can go (max_inflight_bytes counts each item once)
             pending.frames = frames_in_segment(pending.frames, pending.segment)
             pending.flat = None
+            self._unsegmented -= pending.nbytes
         return pending.shm_frames
 
     def _flat(self, pending: _Pending) -> tuple[bytes, list[memoryview], list[int], int]:
@@ -394,10 +413,22 @@ class Producer:
     def _forget(self, seq: int) -> None:
         pending = self._pending.pop(seq)
         self._inflight -= pending.nbytes
+        if pending.segment is None:
+            self._unsegmented -= pending.nbytes
         if pending.segment is not None and self._pool is not None:
             self._pool.release(pending.segment)
 
-    def _targets(self) -> dict[str, list[_Member]] | None:
+    def _lanes_ready(self, member: _Member) -> bool:
+        """Whether a large item may go to ``member`` now: its lanes connected, none were
+        offered, or they did not connect within ``lane_wait_s`` (then zmq frames carry it)."""
+        if member.lane_token is None:
+            return True
+        self._bulk_of(member)  # takes the lanes once all of them connected
+        waited = time.monotonic() - member.lanes_offered
+        return member.lane_token is None or waited > self.config.lane_wait_s
+
+    def _targets(self, big: bool = False) -> dict[str, list[_Member]] | None:
+        """Where the next item goes (``big``: it takes lanes where a member has them)."""
         by_group: dict[str, list[_Member]] = {}
         for m in self._members.values():
             by_group.setdefault(m.group, []).append(m)
@@ -406,7 +437,10 @@ class Producer:
         by_group = {g: ms for g, ms in by_group.items() if len(ms) >= max(m.group_size for m in ms)}
         if not by_group:
             return None
-        credit = {g: min(m.credit for m in ms) for g, ms in by_group.items()}
+        credit = {
+            g: min(m.credit if not big or self._lanes_ready(m) else 0 for m in ms)
+            for g, ms in by_group.items()
+        }
         if self.config.mode == "broadcast":
             return by_group if all(c > 0 for c in credit.values()) else None
         best = max(credit.values())
@@ -574,6 +608,7 @@ class Producer:
             return
         lanes = min(wanted, self.config.lanes)
         member.lane_token = self._lanes.expect(lanes)
+        member.lanes_offered = time.monotonic()
         self._send_control(
             member.ident, LanesOffer(port=self._lanes.port, token=member.lane_token, n=lanes)
         )

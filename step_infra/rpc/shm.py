@@ -122,6 +122,14 @@ class ShmPool:
         self._all.append(seg)
         return seg
 
+    def trim(self) -> int:
+        """Unmap every free segment; returns the bytes released."""
+        freed = sum(seg.size for seg in self._free)
+        for seg in self._free:
+            self._unlink(seg)
+        self._free.clear()
+        return freed
+
     def _unlink(self, seg: Segment) -> None:
         self._all.remove(seg)
         with contextlib.suppress(BufferError):  # a view still out (zmq sending): unmapped by gc

@@ -43,8 +43,8 @@ def producer(port: int, n: int, start: int) -> None:
         p.flush(timeout_s=60)
 
 
-def stalled_consumer(address: str, stall_s: float, n: int) -> None:
-    cfg = ConsumerConfig(prefetch=4, heartbeat_s=0.1, transport="tcp")
+def stalled_consumer(address: str, stall_s: float, n: int, transport: str) -> None:
+    cfg = ConsumerConfig(prefetch=4, heartbeat_s=0.1, transport=transport)
     c = Consumer("faults", [address], group="g", config=cfg)
     print("ready", flush=True)
     time.sleep(stall_s)  # stalled trainer: takes nothing, sends no heartbeat
@@ -53,10 +53,10 @@ def stalled_consumer(address: str, stall_s: float, n: int) -> None:
     c.close()
 
 
-def mem_producer(port: int, limit_mib: int, item_mib: int, n: int) -> None:
-    cfg = ProducerConfig(port=port, shm=False, lease_s=30.0, max_inflight_bytes=limit_mib << 20)
+def mem_producer(port: int, limit_mib: int, item_mib: int, n: int, shm: bool) -> None:
+    cfg = ProducerConfig(port=port, shm=shm, lease_s=30.0, max_inflight_bytes=limit_mib << 20)
     with Producer("faults", name="P", config=cfg) as p:
-        print("ready", flush=True)
+        print(p.address, flush=True)
         p.wait_for_consumers(timeout_s=30)
         for _ in range(n):
             p.send({"x": torch.randn(item_mib << 18)})  # fresh 'item_mib' MiB each time
@@ -65,9 +65,9 @@ def mem_producer(port: int, limit_mib: int, item_mib: int, n: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "stalled":
-        stalled_consumer(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+        stalled_consumer(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     elif sys.argv[1] == "memprod":
-        mem_producer(*(int(a) for a in sys.argv[2:6]))
+        mem_producer(*(int(a) for a in sys.argv[2:6]), shm=sys.argv[6] == "shm")
     elif sys.argv[1] == "consumer":
         consumer(sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]))
     else:

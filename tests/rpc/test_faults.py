@@ -11,6 +11,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -124,44 +125,68 @@ def test_kill9_and_restart_producer_no_dup_no_loss() -> None:
     assert c.position() == {"P": n}
 
 
+def _rss_with_shared(p: Any) -> int:
+    """Resident bytes; on Linux they include the shared-memory pages a process touched (an
+    shm producer's copies of its items)."""
+    return int(p.memory_info().rss)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_memory_bounded_while_consumer_stalls() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_memory_bounded_while_consumer_stalls(transport: str) -> None:
+    """A consumer that takes nothing for 10 s: the producer holds at most
+    ``max_inflight_bytes`` (its buffers, and on shm its shared-memory copies: RSS counts both)
+    and the consumer its prefetch window, each within 1.2x the bound."""
     import psutil
 
     limit_mib, item_mib, n = 64, 4, 80
     port = _free_port()
     prod = subprocess.Popen(
-        [sys.executable, WORKER, "memprod", str(port), str(limit_mib), str(item_mib), str(n)],
+        [
+            sys.executable,
+            WORKER,
+            "memprod",
+            str(port),
+            str(limit_mib),
+            str(item_mib),
+            str(n),
+            transport,
+        ],
         stdout=subprocess.PIPE,
+        text=True,
     )
-    cons = subprocess.Popen(
-        [sys.executable, WORKER, "stalled", f"tcp://127.0.0.1:{port}", "10", str(n)],
-        stdout=subprocess.PIPE,
-    )
+    cons = None
     try:
-        assert prod.stdout is not None and cons.stdout is not None
-        assert prod.stdout.readline().strip() == b"ready"
+        assert prod.stdout is not None
+        address = prod.stdout.readline().strip()
+        assert address.startswith("tcp://"), address
+        base_producer = _rss_with_shared(psutil.Process(prod.pid))  # before any item exists
+        cons = subprocess.Popen(
+            [sys.executable, WORKER, "stalled", address, "10", str(n), transport],
+            stdout=subprocess.PIPE,
+        )
+        assert cons.stdout is not None
         assert cons.stdout.readline().strip() == b"ready"
         ps = {"producer": psutil.Process(prod.pid), "consumer": psutil.Process(cons.pid)}
-        base = {k: p.memory_info().rss for k, p in ps.items()}
+        base = {"producer": base_producer, "consumer": _rss_with_shared(ps["consumer"])}
         peak = dict(base)
         while prod.poll() is None or cons.poll() is None:
             for k, p in ps.items():
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    peak[k] = max(peak[k], p.memory_info().rss)
+                    peak[k] = max(peak[k], _rss_with_shared(p))
             time.sleep(0.05)
         assert prod.returncode == 0 and cons.returncode == 0
     finally:
         for p in (prod, cons):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(10)
     bound = 1.2 * (limit_mib << 20)
     # growth over the idle process: within the in-flight limit + 20% (n * item_mib = 320 MiB
     # would be sent without backpressure)
     growth_mib = {k: round((peak[k] - base[k]) / (1 << 20), 1) for k in ps}
-    print(f"peak RSS growth MiB {growth_mib}, bound {bound / (1 << 20):.0f} MiB")
+    print(f"{transport}: peak RSS growth MiB {growth_mib}, bound {bound / (1 << 20):.0f} MiB")
     for k in ps:
         assert peak[k] - base[k] <= bound, (k, (peak[k] - base[k]) / (1 << 20))
 

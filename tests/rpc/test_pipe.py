@@ -350,3 +350,35 @@ def test_item_sent_to_a_vanished_member_goes_to_a_live_group() -> None:
                 got.append(int(item.metadata["id"]))
         live.close()
     assert sorted(got) == list(range(6))
+
+
+def test_shm_copies_and_idle_segments_count_against_the_memory_bound() -> None:
+    """The producer's shared-memory copies are memory it holds: a same-host group takes a
+    burst of items over shm and leaves (the pool keeps their segments for reuse), then a tcp
+    group stalls. ``send`` must block at ``max_inflight_bytes`` counting the idle segments too
+    (it unmaps them to make room), not at the bound plus the segments."""
+    mib = 1 << 20
+    cfg = ProducerConfig(max_inflight_bytes=8 * mib, send_timeout_s=0.3, queue_items=64)
+    with Producer("p", config=cfg) as prod:
+        local = Consumer("p", [prod.address], group="a", config=ConsumerConfig(prefetch=6))
+        assert local.transports == ["shm"]
+        prod.wait_for_consumers()
+        for i in range(6):
+            prod.send({"x": torch.full((mib // 4,), float(i))})
+        for _ in range(6):
+            assert local.get(timeout_s=5) is not None
+        local.close()  # acknowledges the last item and leaves
+        deadline = time.monotonic() + 5
+        while (prod.unacked or prod.groups()) and time.monotonic() < deadline:
+            prod.poll(20)
+        assert prod.held_bytes >= 6 * mib  # the idle segments, kept for reuse
+        remote = Consumer("p", [prod.address], group="b", config=ConsumerConfig(transport="tcp"))
+        prod.wait_for_consumers()
+        peak = 0
+        with pytest.raises(TimeoutError):  # the tcp group stalls: send() must block
+            for i in range(64):
+                prod.send({"x": torch.full((mib // 4,), float(i))})
+                peak = max(peak, prod.held_bytes)
+        assert peak <= 8 * mib + mib + 4096, peak / mib
+        assert prod.inflight_bytes >= 6 * mib  # the idle segments gave their room to the queue
+        remote.close()
