@@ -37,12 +37,12 @@ import torch
 
 from step_infra.data.synthetic import SyntheticClips, SyntheticConfig, clip_spec
 from step_infra.models.vae import VAEConfig
+from step_infra.rpc.auth import TOKEN_ENV  # re-exported: the launcher and worker set and read it
 
 log = logging.getLogger(__name__)
 
 TEXT_PIPE = "text"
 LATENT_PIPE = "latents"
-TOKEN_ENV = "STEP_TOKEN"
 VAE_BATCH = 8  # clips a VAE server encodes at once when that many are waiting
 
 
