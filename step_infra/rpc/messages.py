@@ -47,7 +47,7 @@ Shape = Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
 Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 
 
-class _Message(msgspec.Struct, tag_field="k", omit_defaults=True, frozen=True):
+class _Message(msgspec.Struct, tag_field="k", omit_defaults=True):
     """Fields a message does not know are ignored (a newer peer may add some)."""
 
 

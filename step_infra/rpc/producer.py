@@ -457,15 +457,15 @@ class Producer:
         while self._sock.poll(wait, zmq.POLLIN):
             wait = 0
             frames, count = recv_bounded(self._sock, 3)
-            ident = bytes(frames[0])
+            ident = frames[0].bytes
             if self._guard.banned(ident):
                 self.stats.refused += 1
                 continue
             if count not in (2, 3):
                 self._offend(ident, f"{count - 1} frames; expected a message (and a MAC)")
                 continue
-            mac = bytes(frames[2]) if len(frames) == 3 else None
-            self._on_control(ident, bytes(frames[1]), mac)
+            mac = frames[2].bytes if len(frames) == 3 else None
+            self._on_control(ident, frames[1].bytes, mac)
         self._expire()
         if self._registry is not None:
             self._registry.keep_alive()
