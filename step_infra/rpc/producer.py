@@ -356,10 +356,7 @@ class Producer:
                         frames = [self._flat(pending)[0]]
                     else:
                         frames = pending.frames
-                    try:
-                        self._sock.send_multipart([m.ident, *frames], copy=False)
-                    except zmq.ZMQError as exc:
-                        log.warning("pipe %s: member %r unreachable: %s", self.pipe, m.ident, exc)
+                    if not self._send_item(m, frames):
                         unreachable.append(m)
                         continue
                     if bulk is not None:
@@ -381,6 +378,16 @@ class Producer:
             self.stats.items += 1
             self.stats.bytes += pending.nbytes
             self.stats.queue_depth = len(self._resend)
+
+    def _send_item(self, member: _Member, frames: list[Any]) -> bool:
+        """Hand an item's frames to one member; ``False``: it is unreachable (gone without a
+        goodbye, e.g. kill -9, before its lease expired)."""
+        try:
+            self._sock.send_multipart([member.ident, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("pipe %s: member %r unreachable: %s", self.pipe, member.ident, exc)
+            return False
+        return True
 
     def _shm_frames(self, pending: _Pending) -> list[Any]:
         if pending.shm_frames is None:
@@ -623,10 +630,7 @@ class Producer:
             if pending is None or member.ident not in pending.waiting.get(member.group, ()):
                 continue  # acknowledged already, or never sent to this member
             frames = self._shm_frames(pending) if member.shm else pending.frames
-            try:
-                self._sock.send_multipart([member.ident, *frames], copy=False)
-            except zmq.ZMQError as exc:
-                log.warning("pipe %s: member %r unreachable: %s", self.pipe, member.ident, exc)
+            if not self._send_item(member, frames):
                 self._drop(member)
                 return
             self.stats.resent += 1
