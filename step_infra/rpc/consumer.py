@@ -139,6 +139,7 @@ class _Link:
     lanes_wanted: int
     ucx: bool
     bulk: LaneReceiver | UcxReceiver | None = None
+    had_bulk: bool = False  # a bulk channel was open once (flat items may still be on the way)
     producer_nonce: bytes | None = None  # the challenge answered last
     nonce: bytes | None = None  # our half of that handshake
     session: auth.Session | None = None
@@ -241,6 +242,7 @@ class Consumer:
         )
         if link.ucx:
             link.bulk = UcxReceiver(link.host, self._pool_keep)
+            link.had_bulk = True
         epoch = auth.address_epoch(address)
         self._links.append(link)
         self._link_of[sock] = link
@@ -542,6 +544,7 @@ class Consumer:
                 pool_keep=self._pool_keep,
                 max_item_bytes=self.config.max_item_bytes,
             )
+            link.had_bulk = True
         except OSError as exc:
             log.warning("pipe %s: lanes offered but not connected (%s); using zmq", self.pipe, exc)
 
@@ -575,6 +578,8 @@ class Consumer:
         try:
             if frames != 1:
                 raise WireError(f"{frames - 1} buffer frames with a flat payload")
+            if not link.had_bulk:
+                raise WireError("a flat payload on a link that never had a bulk channel")
             total = check_flat(header, self.config.max_item_bytes)
             assert total is not None
             seen = self._seen.get(header.prod)
