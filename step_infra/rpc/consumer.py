@@ -211,6 +211,9 @@ class Consumer:
         self.transports: list[str] = []
         # receive buffers kept for reuse per link: the credit window plus the item held
         self._pool_keep = self.config.prefetch + 2
+        # items one link may have queued: its credit window, twice over for the items a
+        # re-hello's fresh credit lets through while the old window is still on the way
+        self._max_queued = 2 * self.config.prefetch + 2
         for address in addresses:
             self._connect(address)
         self._seen: dict[str, _Seen] = {p: _Seen(n) for p, n in (resume or {}).items()}
@@ -387,8 +390,8 @@ class Consumer:
             frames = [encode(msg)]
         try:
             link.sock.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            log.debug("pipe %s: %s not sent (no peer)", self.pipe, type(msg).__name__)
+        except zmq.ZMQError as exc:  # Again: no peer yet; or the socket is already closed
+            log.debug("pipe %s: %s not sent (%s)", self.pipe, type(msg).__name__, exc)
 
     def _release(self) -> None:
         if self._taken is None:
@@ -543,12 +546,24 @@ class Consumer:
                 min(offer.n, link.lanes_wanted),
                 pool_keep=self._pool_keep,
                 max_item_bytes=self.config.max_item_bytes,
+                max_items=self._max_queued,
             )
             link.had_bulk = True
         except OSError as exc:
             log.warning("pipe %s: lanes offered but not connected (%s); using zmq", self.pipe, exc)
 
+    def _over_credit(self, link: _Link, header: ItemHeader) -> bool:
+        """A producer that sends beyond the credit it was given would grow the queue without
+        bound: its item is refused (it keeps it, unacknowledged)."""
+        queued = sum(1 for lk, _ in self._queue if lk is link)
+        if queued < self._max_queued:
+            return False
+        self._offend(link, f"item {header.seq} beyond credit ({queued} items already queued)")
+        return True
+
     def _on_item(self, link: _Link, header: ItemHeader, frames: Sequence[Any]) -> None:
+        if self._resend_of(link, header) is None and self._over_credit(link, header):
+            return
         if header.flat is not None:
             self._on_lane_header(link, header, len(frames))
             return
@@ -563,7 +578,7 @@ class Consumer:
             self._offend(link, f"item {header.seq}: {exc}")
             return
         self._link_of_producer[item.producer] = link
-        waiting = self._awaiting.pop((id(link), item.producer, item.seq), None)
+        waiting = self._awaiting.pop(self._awaiting_key(link, header), None)
         if waiting is not None:
             waiting.resent = item  # the lost bytes came again: it keeps its place
             return
@@ -602,12 +617,20 @@ class Consumer:
         elif link.bulk.broken is not None:
             self._lanes_failed(link, link.bulk.broken)
 
+    @staticmethod
+    def _awaiting_key(link: _Link, header: ItemHeader) -> tuple[int, str, int]:
+        return (id(link), header.prod, header.seq)
+
+    def _resend_of(self, link: _Link, header: ItemHeader) -> _LaneItem | None:
+        """The queued item this one re-sends (after a nack), if any."""
+        return self._awaiting.get(self._awaiting_key(link, header))
+
     def _nack(self, link: _Link, entries: list[_LaneItem], reason: str, *, lanes: int) -> None:
         """Ask the producer to send these items again as zmq frames; they keep their place."""
         for e in entries:
             e.nacked = True
             e.arrived = time.monotonic()  # the lane timeout starts again for the resend
-            self._awaiting[(id(link), e.header.prod, e.seq)] = e
+            self._awaiting[self._awaiting_key(link, e.header)] = e
         seqs = [e.seq for e in entries]
         for i in range(0, max(len(seqs), 1), MAX_ACKS):
             self._control(link, Nack(seqs=seqs[i : i + MAX_ACKS], lanes=lanes, reason=reason[:512]))
@@ -654,7 +677,7 @@ class Consumer:
                 # not marked seen: the producer still holds it and sends it after a restart
                 # or to another group
                 self._queue.popleft()
-                self._awaiting.pop((id(link), entry.header.prod, entry.seq), None)
+                self._awaiting.pop(self._awaiting_key(link, entry.header), None)
                 self.stats.event(
                     "item_dropped", link.address, f"item {entry.seq}: no bytes after a resend"
                 )

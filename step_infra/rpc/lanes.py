@@ -390,7 +390,7 @@ class FlatAssembler:
             entry = _Flat(self._pool.get(total), total)
             self._items[seq] = entry
         elif entry.total != total:
-            raise ValueError(f"item {seq}: {total} bytes announced, {entry.total} on the lane")
+            raise ValueError(f"item {seq}: {total} bytes, where {entry.total} were announced")
         return entry
 
 
@@ -406,8 +406,9 @@ class LaneReceiver:
         connect_timeout_s: float = 5.0,
         pool_keep: int = 8,
         max_item_bytes: int = 1 << 34,
+        max_items: int = 64,
     ) -> None:
-        self.assembler = FlatAssembler(pool_keep, max_bytes=max_item_bytes)
+        self.assembler = FlatAssembler(pool_keep, max_bytes=max_item_bytes, max_items=max_items)
         self._socks: list[socket.socket] = []
         try:
             for i in range(lanes):

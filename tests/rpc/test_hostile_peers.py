@@ -137,6 +137,7 @@ def test_a_huge_size_in_a_lane_record_breaks_the_link_not_the_thread_and_the_ite
     None
 ):
     lanes = LaneListener("127.0.0.1")
+    cons = None
     try:
         with FakeProducer() as fake:
             cons = Consumer("p", [fake.address], group="g", config=TCP)
@@ -160,15 +161,33 @@ def test_a_huge_size_in_a_lane_record_breaks_the_link_not_the_thread_and_the_ite
                 nack = next((m for m in fake.read(0.0) if m["k"] == "nack"), None)
             assert nack is not None, "the consumer never asked for the item again"
             assert nack["seqs"] == [7]
-            assert "accepted" in nack["reason"]  # the reason names the limit
+            # the reason names the size: over the limit, or (when the header came first) not
+            # what the header announced
+            assert str(2**50) in nack["reason"]
             fake.send(pack(item_header(7)), payload.numpy().tobytes())  # resent as zmq frames
             item = cons.get(timeout_s=5)
             assert item is not None and item.seq == 7
             assert item.tensors["x"].tolist() == payload.tolist()
             assert [e["kind"] for e in cons.stats.events] == ["lane_failed"]
-            cons.close()
     finally:
+        if cons is not None:
+            cons.close()
         lanes.close()
+
+
+def test_a_producer_sending_beyond_its_credit_cannot_grow_the_consumers_queue() -> None:
+    with FakeProducer() as fake:
+        cons = Consumer("p", [fake.address], group="g", config=ConsumerConfig(prefetch=4))
+        assert fake.wait_hello()["credit"] == 4
+        for seq in range(30):  # ignores credit altogether
+            fake.send(pack(item_header(seq)), torch.zeros(4).numpy().tobytes())
+        time.sleep(0.3)
+        got = []
+        while (item := cons.get(timeout_s=0.3)) is not None:
+            got.append(item.seq)
+        assert got == list(range(10))  # its window twice over, plus two: then refused
+        assert cons.stats.malformed == 8 and cons.stats.dropped_peers == 1  # then closed
+        cons.close()
 
 
 def test_garbage_from_a_producer_link_is_counted_and_a_repeat_offender_link_closed() -> None:
@@ -256,6 +275,7 @@ def test_a_peer_taking_over_a_members_identity_cannot_ack_its_items() -> None:
             thief.received(prod, 0.3)
         assert prod.unacked == 1
         assert prod.stats.unauthenticated == 1
+        cons.close()
 
 
 def test_the_registrys_token_authenticates_the_data_plane_by_default() -> None:
