@@ -511,6 +511,8 @@ class Producer:
                     f"sent {type(msg).__name__} without proving the job token",
                     auth_failure=True,
                 )
+            else:
+                self.stats.refused += 1  # not a member: its message is not acted on
             self._challenge(ident)  # unknown peer (we restarted, its lease expired): hello again
             return
         if member.session is not None:

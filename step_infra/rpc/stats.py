@@ -26,7 +26,7 @@ class PipeStats:
     duplicates: int = 0
     malformed: int = 0  # messages refused: schema, sizes, frame counts (see guard.py)
     unauthenticated: int = 0  # messages or hellos of peers that did not prove the job token
-    refused: int = 0  # messages of banned peers, ignored
+    refused: int = 0  # messages ignored: from banned peers, or from peers that are no member
     dropped_peers: int = 0  # peers dropped after repeated offences
     resent: int = 0
     queue_depth: int = 0

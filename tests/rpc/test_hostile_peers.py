@@ -102,6 +102,16 @@ def test_wrong_frame_counts_are_refused() -> None:
         assert prod.groups() == {}
 
 
+def test_well_formed_messages_from_a_non_member_are_counted_and_not_acted_on() -> None:
+    with Producer("p", config=OPEN) as prod, RawPeer(prod) as peer:
+        peer.send(pack({"k": "credit", "n": 50, "acks": [0, 1, 2]}))
+        peer.send(pack({"k": "nack", "seqs": [0]}))
+        replies = peer.received(prod, 0.3)
+        assert prod.stats.refused == 2 and prod.stats.malformed == 0
+        assert [msgpack.unpackb(r[0], raw=False)["k"] for r in replies] == ["who", "who"]
+        assert prod.groups() == {}
+
+
 def test_a_repeat_offender_is_dropped_and_then_ignored() -> None:
     cfg = ProducerConfig(shm=False, max_offences=4, ban_s=30.0)
     with Producer("p", config=cfg) as prod, RawPeer(prod, b"bad/0") as peer:
