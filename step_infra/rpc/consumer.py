@@ -657,6 +657,8 @@ class Consumer:
                 step = min(step, deadline - time.monotonic())
             if entry.nacked:  # its bytes come again as zmq frames
                 self._receive(max(0, int(step * 1000)))
+                if link.dropped:  # closed meanwhile: its unfinished items left the queue
+                    return None
             else:
                 flat = None
                 if entry.lanes is not None and step > 0:

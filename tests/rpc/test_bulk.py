@@ -196,6 +196,6 @@ def test_lanes_that_break_mid_stream_lose_nothing_and_keep_the_order() -> None:
         prod.flush(timeout_s=10)
     assert got == sent  # every item once, in order, intact
     failures = [e for e in cons.stats.events if e["kind"] == "lane_failed"]
-    assert 1 <= len(failures) <= 2 and all(e["reason"] for e in failures)
+    assert failures and all(e["reason"] for e in failures)  # one or more per cut
     assert [e["kind"] for e in prod.stats.events].count("nack") >= len(failures)
     assert prod.stats.resent >= 1
