@@ -6,7 +6,13 @@ Sub-packages, one per system (see shared/DESIGN.md): ``emulator`` (Step Emulator
 dependency (torch, megatron-core, triton) is imported by the sub-package that needs it.
 """
 
+import warnings
 from importlib.metadata import PackageNotFoundError, version
+
+# megatron-core warns at import, several times per process, that it falls back to PyTorch's
+# optimizers and kernels without Transformer Engine or Apex: expected on CPU, and `step-infra
+# doctor` says once what it means. A filter is no work, so this package still imports nothing.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 try:
     __version__ = version("step-infra")

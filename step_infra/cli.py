@@ -7,10 +7,10 @@ stays fast and never imports torch.
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from step_infra import __version__
+from step_infra.console import make_console
 
 app = typer.Typer(
     name="step-infra",
@@ -46,7 +46,7 @@ def doctor() -> None:
     """Report the installed stack and devices; exits 1 if a required component is missing."""
     from step_infra.doctor import probe_environment
 
-    console = Console()
+    console = make_console()
     table = Table(title=f"step-infra {__version__}: environment")
     table.add_column("component")
     table.add_column("status")
@@ -76,7 +76,7 @@ def demo(
     """Run the main job end to end on embedded defaults and print where the outputs went."""
     from step_infra.demo import DemoStageError, run_demo
 
-    console = Console()
+    console = make_console()
     try:
         run_demo(run_dir, console=console)
     except DemoStageError as exc:

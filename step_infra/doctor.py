@@ -47,6 +47,12 @@ def probe_environment() -> list[Probe]:
         ("ucxx", False),
     ]:
         ok, detail = _module_version(module)
+        if module == "transformer_engine" and not ok:
+            detail += (
+                "; megatron-core then uses its PyTorch layers and optimizers (the CPU path; its "
+                "'Transformer Engine and Apex are not installed' warnings are silenced). On "
+                "GPUs: pip install 'step-infra[gpu]'"
+            )
         probes.append(Probe(name=module, ok=ok, detail=detail, required=required))
     probes.append(_probe_cuda())
     probes.append(

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+
+from step_infra.console import make_console
 
 
 def train(
@@ -54,7 +55,7 @@ def train(
     from step_infra.train.job.config import Faults, get_recipe
     from step_infra.train.job.launcher import apply_plan, run_training_job
 
-    console = Console()
+    console = make_console()
     try:
         cfg = get_recipe(recipe)
         if steps is not None:

@@ -50,3 +50,39 @@ def test_console_script_runs_as_a_process() -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == f"step-infra {__version__}"
+
+
+def test_tables_piped_to_a_log_keep_their_column_names() -> None:
+    """``make demo > log``: rich would assume 80 columns and print "ki…", "re…", "st…"."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "COLUMNS"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "step_infra.cli",
+            "plan",
+            "--model",
+            "tiny-dit",
+            "--gpu",
+            "h100-sxm",
+            "--gpus",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    ).stdout
+    header = next(line for line in out.splitlines() if "tp" in line and "pp" in line)
+    for name in ("kind", "recompute", "dist opt", "step s", "TFLOP/s/GPU", "GB/GPU"):
+        assert name in header, header
+    assert "…" not in out.split("chosen:")[0]
+
+
+def test_megatrons_missing_te_warning_is_not_printed() -> None:
+    code = "import step_infra, megatron.core.optimizer, megatron.core.optimizer.clip_grads"
+    err = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120
+    ).stderr
+    assert "Transformer Engine and Apex are not installed" not in err

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from step_infra.console import make_console
 
 
 def calibrate(
@@ -32,7 +33,7 @@ def calibrate(
     from step_infra.emulator.hwprobe import ProbeConfig, quick_config
     from step_infra.emulator.hwprobe import calibrate as run_calibrate
 
-    console = Console()
+    console = make_console()
     if ranks < 1:
         console.print(f"[red]error:[/] --ranks must be >= 1, got {ranks}")
         raise typer.Exit(2)

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from step_infra.console import make_console
+
 BREAKDOWN_LABELS = {
     "t_compute_dense_s": "compute: dense matmuls",
     "t_compute_attention_s": "compute: attention",
@@ -153,7 +155,7 @@ def plan(
     from step_infra.emulator.presets import cluster_for, get_model
     from step_infra.emulator.specs import ClusterSpec
 
-    console = Console(width=max(Console().width, 130))
+    console = make_console(min_width=130)
     try:
         spec = get_model(model)
         if spec.kind == "dit" and frames is not None and model != "tiny-dit":

@@ -9,8 +9,9 @@ import json
 import logging
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from step_infra.console import make_console
 
 
 def recipe(
@@ -43,7 +44,7 @@ def recipe(
         tiny_staged_recipe(scale=scale, turbo=turbo), eval_prompts=eval_prompts
     )
     results = run_recipe(config, run_dir)
-    console = Console()
+    console = make_console()
     table = Table(title=f"recipe {config.name}: {results['seconds']} s")
     for col in ("stage", "loss first 20%", "loss last 20%", "s"):
         table.add_column(col)

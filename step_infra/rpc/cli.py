@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from step_infra.console import make_console
 
 rpc_app = typer.Typer(help="StepRPC tools.", no_args_is_help=True)
 
@@ -31,7 +32,7 @@ def registry(
     """Run the StepRPC registry (gRPC) and print its address and token."""
     from step_infra.rpc.registry import Registry, RegistryConfig
 
-    console = Console()
+    console = make_console()
     token = token or secrets.token_urlsafe(16)
     reg = Registry(RegistryConfig(host=host, port=port, token=token, lease_s=lease_s))
     console.print(f"registry listening on {reg.address}")
@@ -56,7 +57,7 @@ def bench(
     """Run benchmarks/rpc_throughput.py (throughput, latency, spray balance)."""
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "rpc_throughput.py"
     if not script.exists():
-        Console().print(f"[red]benchmark script not found:[/] {script}")
+        make_console().print(f"[red]benchmark script not found:[/] {script}")
         raise typer.Exit(1)
     cmd = [sys.executable, str(script)]
     if json_path:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+
+from step_infra.console import make_console
 
 
 def dashboard(
@@ -30,7 +31,7 @@ def dashboard(
 
     from step_infra.telemetry.dashboard import DashboardServer, render_report
 
-    console = Console()
+    console = make_console()
     if not run_dir.is_dir():
         console.print(f"[red]run directory {run_dir} does not exist[/] (expected runs/<name>)")
         raise typer.Exit(2)
@@ -71,7 +72,7 @@ def telemetry_demo(
 
     result, _ = run_eviction_story(
         run_dir,
-        console=Console(),
+        console=make_console(),
         steps=steps,
         slow_at=slow_at,
         factor=factor,

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 from rich.console import Console
 
+from step_infra.console import make_console
 from step_infra.data.servers import LATENT_PIPE, TEXT_PIPE, TOKEN_ENV, ServerConfig
 from step_infra.telemetry.elastic import ElasticConfig, ElasticController, ElasticResult
 from step_infra.telemetry.events import EventLog, read_events
@@ -239,7 +240,7 @@ def run_training_job(
     """Run (or resume) the job in ``run_dir``; blocks until it ends. See the module doc."""
     from step_infra.train.job.assets import prepare_vae, text_encoders
 
-    console = console or Console()
+    console = console or make_console()
     t0 = time.monotonic()
     run_dir = Path(run_dir)
     if fresh and run_dir.exists():
