@@ -51,7 +51,7 @@ def probe_environment() -> list[Probe]:
             detail += (
                 "; megatron-core then uses its PyTorch layers and optimizers (the CPU path; its "
                 "'Transformer Engine and Apex are not installed' warnings are silenced). On "
-                "GPUs: pip install 'step-infra[gpu]'"
+                "GPUs, the package's gpu extra installs it"
             )
         probes.append(Probe(name=module, ok=ok, detail=detail, required=required))
     probes.append(_probe_cuda())
