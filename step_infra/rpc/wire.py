@@ -144,17 +144,19 @@ def decode_header(frame: bytes | memoryview) -> ItemHeader:
     return header
 
 
+def _sizes(frames: Sequence[bytes | memoryview]) -> list[int]:
+    return [memoryview(b).nbytes for b in frames[1:]]
+
+
 def to_shm_frames(frames: Sequence[bytes | memoryview], segment: Any) -> list[bytes]:
-    """Copy an item's buffers into ``segment`` (a :class:`~step_infra.rpc.shm.Segment`) and
-    return the single header frame that points at them."""
+    """Copy an item's buffers into ``segment`` (a :class:`~step_infra.rpc.shm.Segment`), laid
+    out as :func:`flat_layout` lays them, and return the single header frame that points at
+    them."""
     header = decode_header(frames[0])
-    offsets: list[int] = []
-    off = 0
-    for buf in frames[1:]:
+    offsets, _ = flat_layout(_sizes(frames))
+    for off, buf in zip(offsets, frames[1:], strict=True):
         view = memoryview(buf).cast("B")
         _parallel_copy(segment.view[off : off + view.nbytes], view)
-        offsets.append(off)
-        off += (view.nbytes + 63) // 64 * 64  # 64-byte aligned tensors
     return [encode(msgspec.structs.replace(header, shm=segment.name, offs=offsets))]
 
 
@@ -162,13 +164,9 @@ def frames_in_segment(frames: Sequence[bytes | memoryview], segment: Any) -> lis
     """``frames`` with every buffer replaced by its copy in ``segment`` (as
     :func:`to_shm_frames` laid them out), so the producer can let the caller's tensors go and
     hold each in-flight item's bytes once."""
-    out: list[Any] = [frames[0]]
-    off = 0
-    for buf in frames[1:]:
-        n = memoryview(buf).nbytes
-        out.append(segment.view[off : off + n])
-        off += (n + 63) // 64 * 64
-    return out
+    sizes = _sizes(frames)
+    offsets, _ = flat_layout(sizes)
+    return [frames[0], *(segment.view[o : o + n] for o, n in zip(offsets, sizes, strict=True))]
 
 
 def _parallel_copy(dst: memoryview, src: memoryview) -> None:
@@ -185,7 +183,7 @@ def _parallel_copy(dst: memoryview, src: memoryview) -> None:
 
 def shm_bytes(frames: Sequence[bytes | memoryview]) -> int:
     """Segment size :func:`to_shm_frames` needs for these frames."""
-    return sum((memoryview(b).nbytes + 63) // 64 * 64 for b in frames[1:])
+    return flat_layout(_sizes(frames))[1]
 
 
 def to_flat_frames(
