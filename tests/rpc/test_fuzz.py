@@ -130,9 +130,13 @@ def test_bit_flips_in_a_real_header_only_raise_wire_error(pos: int, junk: bytes)
 
 
 def test_fuzzed_control_traffic_never_raises_out_of_a_producer() -> None:
-    cfg = ProducerConfig(shm=False, max_offences=10**9)  # keep listening to the fuzzer
+    # under the job token, as every job runs: an open pipe would let a fuzzed hello join the
+    # real consumer's group (or take spray credit) and starve it by design, not by a bug
+    cfg = ProducerConfig(shm=False, max_offences=10**9, token="t")  # keep listening to it
     with Producer("p", config=cfg) as prod, RawPeer(prod, b"fuzz/0") as fuzzer:
-        cons = Consumer("p", [prod.address], group="g", config=ConsumerConfig(transport="tcp"))
+        cons = Consumer(
+            "p", [prod.address], group="g", config=ConsumerConfig(transport="tcp", token="t")
+        )
         prod.wait_for_consumers()
         sent = 0
 
@@ -150,6 +154,7 @@ def test_fuzzed_control_traffic_never_raises_out_of_a_producer() -> None:
         fuzz()
         prod.poll(50)
         assert prod.stats.malformed > 0  # the fuzzer's garbage did arrive and was refused
+        assert set(prod.groups()) == {"g"}  # and it never joined
         cons.close()
 
 
