@@ -31,9 +31,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from step_infra.demo.simulate import write_synthetic_store
 from step_infra.telemetry import EventLog
 from step_infra.telemetry.dashboard import DashboardServer
-from step_infra.telemetry.simulate import write_synthetic_store
 from step_infra.telemetry.store import store_parts, store_path
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

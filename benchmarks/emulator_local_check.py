@@ -1,9 +1,11 @@
-"""Emulator vs a real training step on this machine: tiny-DiT stand-in, three layouts.
+"""Emulator vs a real training step on this machine: the tiny DiT, three layouts.
 
 Calibrates this machine right before each layout (``hwprobe``; for 2-rank layouts the compute
 rates are measured with 2 ranks at once; 1 torch thread per rank), times a training step of the
-plain-torch ``tiny-dit`` stand-in (1 rank; DP=2 DDP over gloo; TP=2 Megatron split over gloo)
-and prints the emulator's predicted step time next to the measured one. The issue's mark: within
+project's ``tiny-dit`` (``step_infra.models.build_dit``; 1 rank; DP=2 with ``finalize_grads``
+over gloo; TP=2 with megatron-core's parallel linears over gloo, see
+``step_infra.train.emulator_check``) and prints the emulator's predicted step time next to the
+measured one. The issue's mark: within
 20 % for at least three layouts. On a shared 2-core machine other processes can take half the
 CPU while a layout is profiled or timed: the table shows their share ("others' CPU", the
 larger of the two windows); a layout where they took more than ``--max-other-load`` is
@@ -25,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from step_infra.emulator.hwprobe import ProbeConfig, calibrate, quick_config
-from step_infra.emulator.localcheck import CheckConfig, run_local_check
+from step_infra.train.emulator_check import CheckConfig, run_local_check
 
 
 def main() -> None:
@@ -64,7 +66,7 @@ def main() -> None:
         )
         load_after = os.getloadavg()[0]
     table = Table(
-        title=f"tiny-DiT stand-in: predicted vs measured step (seq {args.seq_len}, batch {args.batch}/rank)"
+        title=f"tiny-dit: predicted vs measured step (seq {args.seq_len}, batch {args.batch}/rank)"
     )
     for col in ("layout", "measured s", "predicted s", "error", "others' CPU", "attempts"):
         table.add_column(col, justify="right" if col != "layout" else "left")

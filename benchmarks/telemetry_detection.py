@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from step_infra.elastic.policy import DetectOnly
+from step_infra.elastic.watch import StragglerWatch, WatchState
 from step_infra.telemetry.detector import DetectorConfig, StragglerDetector
 from step_infra.telemetry.noise import ClusterNoise, Fault, simulate_steps
-from step_infra.telemetry.policy import DetectOnly
-from step_infra.telemetry.watch import StragglerWatch, WatchState
 from step_infra.train.job.config import JOB_DETECTOR
 
 STEPS = 500

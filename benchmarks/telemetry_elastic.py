@@ -1,6 +1,6 @@
 """End to end: 3 torchrun agents + 1 hot spare on gloo, one node made 30 % slower mid-run.
 
-Runs the tiny plain-torch job of ``step_infra.telemetry.toy_worker`` under the elastic
+Runs the tiny plain-torch job of ``step_infra.demo.toy_worker`` under the elastic
 controller (real TorchElastic agents, c10d rendezvous hosted by the controller) and reports
 what an SRE asks: when was the slow node detected (step and seconds), was it evicted, did
 the spare join, how long from detection to the first step after the resume, and does the
@@ -18,10 +18,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from step_infra.telemetry.elastic import TOY_WORKER, ElasticConfig, run_elastic_job
+from step_infra.demo.toy_worker import TOY_WORKER, reference_losses
+from step_infra.elastic.controller import ElasticConfig, run_elastic_job
 from step_infra.telemetry.events import read_events
 from step_infra.telemetry.store import read_store
-from step_infra.telemetry.toy_worker import reference_losses
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from step_infra.train.job.config import get_recipe
 from step_infra.train.job.launcher import run_training_job
+from step_infra.train.job.progress import JobProgressPrinter
 from step_infra.train.job.report import job_metrics
 
 
@@ -28,7 +29,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     console = Console()
-    result = run_training_job(get_recipe(args.recipe), args.run_dir, console=console, fresh=True)
+    result = run_training_job(
+        get_recipe(args.recipe),
+        args.run_dir,
+        on_event=JobProgressPrinter(console, args.run_dir),
+        fresh=True,
+    )
     m = job_metrics(args.run_dir)
     faults = [
         (e["event"], e.get("node"), e.get("step", e.get("resume_step", e.get("last_step"))))

@@ -85,12 +85,12 @@ def demo(
 
 
 # Each system's sub-commands live in its own package; those modules import only typer/rich.
+from step_infra.demo.cli import telemetry_demo as _telemetry_demo  # noqa: E402
 from step_infra.emulator.calibrate_cmd import calibrate as _calibrate  # noqa: E402
 from step_infra.emulator.cli import plan as _plan  # noqa: E402
 from step_infra.recipes.cli import recipe as _recipe  # noqa: E402
 from step_infra.telemetry.cli import dashboard as _telemetry_dashboard  # noqa: E402
-from step_infra.telemetry.cli import telemetry_demo as _telemetry_demo  # noqa: E402
-from step_infra.train_cli import train as _train  # noqa: E402
+from step_infra.train.cli import train as _train  # noqa: E402
 
 app.command(name="calibrate")(_calibrate)
 app.command(name="plan")(_plan)

@@ -2,20 +2,18 @@
 
 Ranks are laid out like picotron's ``arange(world).view(dp, pp, cp, tp)``: tensor parallel is
 the fastest-varying dimension (neighbouring ranks, same node, NVLink), then context parallel,
-then pipeline, then data parallel. The emulator prices a ``Strategy`` with this layout and the
-trainer builds its ``torch.distributed`` groups from it, so both agree on who talks to whom.
+then pipeline, then data parallel. The emulator's ``Strategy.grid()`` is this grid: it prices
+a layout with it, and the trainer builds its ``torch.distributed`` groups from the same object
+(read from the run's plan, :class:`step_infra.emulator.plan.Plan`), so both agree on who talks
+to whom.
 
-Pure Python except :func:`new_torch_groups`, which imports torch lazily. A strategy TOML
-written by ``step-infra plan`` is read with :func:`load_strategy_toml` (only the ``[model]``
-and ``[strategy]`` tables; the rest belongs to the planner).
+Pure Python except :func:`new_torch_groups`, which imports torch lazily.
 """
 
 from __future__ import annotations
 
 import itertools
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -97,60 +95,6 @@ class ProcessGrid:
                 "pick sizes whose product divides the number of ranks"
             )
         return cls(dp=world_size // model, pp=pp, cp=cp, tp=tp)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StrategySpec:
-    """The trainer-relevant part of a strategy TOML (``[model]`` and ``[strategy]``)."""
-
-    preset: str
-    grid: ProcessGrid
-    vpp: int = 1
-    cp_kind: str = "ulysses"
-    micro_batch: int = 1
-    global_batch: int = 1
-    sequence_parallel: bool = False
-    recompute: str = "none"
-    distributed_optimizer: bool = False
-
-
-def load_strategy_toml(path: str | Path) -> StrategySpec:
-    """Parse a strategy TOML written by ``step-infra plan``."""
-    with open(path, "rb") as fh:
-        doc = tomllib.load(fh)
-    return strategy_from_dict(doc)
-
-
-def strategy_from_dict(doc: dict[str, Any]) -> StrategySpec:
-    """Build a :class:`StrategySpec` from the parsed TOML tables."""
-    if "model" not in doc or "strategy" not in doc:
-        raise ValueError(
-            f"a strategy file needs [model] and [strategy] tables; found {sorted(doc)}"
-        )
-    model, s = doc["model"], doc["strategy"]
-    cp_kind = str(s.get("cp_kind", "ulysses"))
-    if cp_kind not in ("ulysses", "ring"):
-        raise ValueError(f"strategy.cp_kind must be 'ulysses' or 'ring', got {cp_kind!r}")
-    grid = ProcessGrid(
-        dp=int(s.get("dp", 1)),
-        pp=int(s.get("pp", 1)),
-        cp=int(s.get("cp", 1)),
-        tp=int(s.get("tp", 1)),
-    )
-    recompute = s.get("recompute", "none")
-    return StrategySpec(
-        preset=str(model.get("preset", "")),
-        grid=grid,
-        vpp=int(s.get("vpp", 1)),
-        cp_kind=cp_kind,
-        micro_batch=int(s.get("micro_batch", 1)),
-        global_batch=int(s.get("global_batch", 1)),
-        sequence_parallel=bool(s.get("sequence_parallel", False)),
-        recompute=str(
-            recompute if not isinstance(recompute, bool) else ("full" if recompute else "none")
-        ),
-        distributed_optimizer=bool(s.get("distributed_optimizer", False)),
-    )
 
 
 @dataclass(slots=True, kw_only=True)

@@ -1,12 +1,31 @@
-"""Data: the synthetic clip set the recipes train on, and the motion check that scores clips."""
+"""Data: the synthetic clip set, the encoder servers that stream it over StepRPC, the
+trainer-side stream, and the motion check that scores clips.
 
-from step_infra.data.motion import motion_accuracy, motion_score, predicted_direction
-from step_infra.data.synthetic import SyntheticClips, SyntheticConfig
+Names load their module on first use (PEP 562): importing the package imports no torch.
+"""
 
-__all__ = [
-    "SyntheticClips",
-    "SyntheticConfig",
-    "motion_accuracy",
-    "motion_score",
-    "predicted_direction",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SyntheticClips": "synthetic",
+    "SyntheticConfig": "synthetic",
+    "eval_captions": "synthetic",
+    "EncoderServers": "servers",
+    "ServerConfig": "servers",
+    "StepStream": "stream",
+    "motion_accuracy": "motion",
+    "motion_score": "motion",
+    "predicted_direction": "motion",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'step_infra.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"step_infra.data.{module}"), name)

@@ -17,13 +17,13 @@ written to ``servers/<name>.json``), so the encoder/trainer split behaves as on 
 on a shared CPU. Everything a sample contains is a function of its id: a restarted server
 produces the same item again.
 
-    python -m step_infra.data.servers --config servers.json --role vae --index 0
+    python -m step_infra.data.servers --config RUN/config.toml --role vae --index 0 \\
+        --registry HOST:PORT --start-id 0 --end-id 9600 --queue-items 16
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -47,41 +47,72 @@ VAE_BATCH = 8  # clips a VAE server encodes at once when that many are waiting
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EncoderServers:
+    """How many encoder servers a job runs and how fast each one is (a job config's
+    ``[servers]`` table). Each server stands for one encoder GPU."""
+
+    text_servers: int = 1
+    vae_servers: int = 1
+    text_rate: float = 200.0  # samples/s per text-encoder server
+    vae_rate: float = 16.0  # samples/s per VAE server
+    lease_s: float = 5.0  # a trainer silent this long loses its unacknowledged items
+    max_inflight_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if min(self.text_servers, self.vae_servers) < 1:
+            raise ValueError(
+                f"servers.text_servers={self.text_servers}, vae_servers={self.vae_servers}; "
+                "a job needs at least one of each"
+            )
+        if min(self.text_rate, self.vae_rate) <= 0:
+            raise ValueError(
+                f"encoder rates must be > 0, got text_rate={self.text_rate}, "
+                f"vae_rate={self.vae_rate}"
+            )
+        if self.lease_s <= 0:
+            raise ValueError(f"servers.lease_s={self.lease_s}; expected > 0 seconds")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
-    """What every encoder server of one job shares."""
+    """What every encoder server of one launch shares: the job's data, VAE and server
+    settings (tables of the run's ``config.toml``) and where this launch stands."""
 
     run_dir: str
     registry: str
     data: SyntheticConfig
     vae: VAEConfig
+    servers: EncoderServers = field(default_factory=EncoderServers)
     vae_checkpoint: str
     start_id: int = 0
     end_id: int = 1 << 40  # exclusive: the text servers stop producing there
-    text_servers: int = 1
-    vae_servers: int = 1
-    text_rate: float = 200.0
-    vae_rate: float = 16.0
-    lease_s: float = 5.0
-    max_inflight_bytes: int = 64 << 20
     # latents a VAE server encodes ahead of its consumers' credit: the pipe is full when the
     # trainers start and while they restart, and the server never blocks with its own text
     # lease running out (the launcher sets one global batch)
     vae_queue_items: int = 16
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
-    def load(cls, path: Path) -> ServerConfig:
-        doc = json.loads(Path(path).read_text())
-        d, v = doc["data"], doc["vae"]
-        doc["data"] = SyntheticConfig(
-            **{**d, "radius_range": tuple(d["radius_range"]), "directions": tuple(d["directions"])}
+    def from_run_config(
+        cls, path: Path, *, registry: str, start_id: int, end_id: int, vae_queue_items: int
+    ) -> ServerConfig:
+        """The ``data``, ``vae``, ``servers`` and ``seed`` of a run's ``config.toml`` (the
+        job's other tables are the trainers' business), plus this launch's values."""
+        from step_infra import config_io
+
+        tables = config_io.load_tables(
+            path,
+            {"data": SyntheticConfig, "vae": VAEConfig, "servers": EncoderServers, "seed": int},
         )
-        doc["vae"] = VAEConfig(**{**v, "factors": tuple(map(tuple, v["factors"]))})
-        return cls(**doc)
+        return cls(
+            run_dir=str(Path(path).parent),
+            registry=registry,
+            vae_checkpoint=str(Path(path).parent / "assets" / "vae.pt"),
+            start_id=start_id,
+            end_id=end_id,
+            vae_queue_items=vae_queue_items,
+            **tables,
+        )
 
 
 def caption_language(sample_id: int) -> str:
@@ -174,8 +205,8 @@ def _producer(
     from step_infra.rpc.producer import Producer, ProducerConfig
 
     pcfg = ProducerConfig(
-        lease_s=cfg.lease_s,
-        max_inflight_bytes=cfg.max_inflight_bytes,
+        lease_s=cfg.servers.lease_s,
+        max_inflight_bytes=cfg.servers.max_inflight_bytes,
         send_timeout_s=None,
         queue_items=queue_items,
     )
@@ -210,9 +241,9 @@ def run_text_server(cfg: ServerConfig, index: int) -> None:
     encoders = TextEncoders()
     clips = SyntheticClips(cfg.data)
     registry = _registry(cfg)
-    pacer = _Pacer(cfg.text_rate)
+    pacer = _Pacer(cfg.servers.text_rate)
     with _producer(cfg, TEXT_PIPE, name, registry) as prod:
-        ids = iter(range(cfg.start_id + index, cfg.end_id, cfg.text_servers))
+        ids = iter(range(cfg.start_id + index, cfg.end_id, cfg.servers.text_servers))
         batch = 8
         # Captions repeat (the synthetic set has a few dozen): encode each once, as a
         # production pipeline precomputes text embeddings of a fixed caption set.
@@ -240,7 +271,7 @@ def run_text_server(cfg: ServerConfig, index: int) -> None:
             pacer.done(started, encoded, len(chunk))
             if time.monotonic() - last_stats > 1.0:
                 last_stats = time.monotonic()
-                _write_stats(cfg, name, pacer, next_id=chunk[-1] + cfg.text_servers)
+                _write_stats(cfg, name, pacer, next_id=chunk[-1] + cfg.servers.text_servers)
         _write_stats(cfg, name, pacer)
     registry.close()
 
@@ -266,8 +297,8 @@ def run_vae_server(cfg: ServerConfig, index: int) -> None:
     vae, scale = load_vae(cfg)
     clips = SyntheticClips(cfg.data)
     registry = _registry(cfg)
-    pacer = _Pacer(cfg.vae_rate)
-    text_addresses = wait_for_producers(registry, TEXT_PIPE, cfg.text_servers)
+    pacer = _Pacer(cfg.servers.vae_rate)
+    text_addresses = wait_for_producers(registry, TEXT_PIPE, cfg.servers.text_servers)
     with (
         _producer(  # room for a whole batch beyond the queue: sends never block on it
             cfg, LATENT_PIPE, name, registry, queue_items=cfg.vae_queue_items + VAE_BATCH
@@ -317,13 +348,23 @@ def run_vae_server(cfg: ServerConfig, index: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="a StepRPC encoder server")
-    parser.add_argument("--config", type=Path, required=True, help="servers.json from the launcher")
+    parser.add_argument("--config", type=Path, required=True, help="the run's config.toml")
     parser.add_argument("--role", choices=("text", "vae"), required=True)
     parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--registry", required=True, help="host:port of the StepRPC registry")
+    parser.add_argument("--start-id", type=int, default=0, help="first sample id to produce")
+    parser.add_argument("--end-id", type=int, default=1 << 40, help="stop before this id")
+    parser.add_argument("--queue-items", type=int, default=16, help="latents encoded ahead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
-    cfg = ServerConfig.load(args.config)
+    cfg = ServerConfig.from_run_config(
+        args.config,
+        registry=args.registry,
+        start_id=args.start_id,
+        end_id=args.end_id,
+        vae_queue_items=args.queue_items,
+    )
     if args.role == "text":
         run_text_server(cfg, args.index)
     else:

@@ -171,3 +171,17 @@ class SyntheticClips(torch.utils.data.Dataset[dict[str, object]]):
             "direction": [it["direction"] for it in items],
             "index": indices,
         }
+
+
+def eval_captions(n: int, lang: str = "en") -> list[str]:
+    """``n`` captions cycling over every colour x shape x direction (direction fastest, so a
+    few prompts already cover every direction); ``lang`` "en", "zh" or "both" (alternating)."""
+    if lang not in ("en", "zh", "both"):
+        raise ValueError(f"lang {lang!r}; expected 'en', 'zh' or 'both'")
+    combos = [(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
+    out = []
+    for i in range(n):
+        c, s, d = combos[i % len(combos)]
+        spec = ClipSpec(color=c, shape=s, direction=d, start_xy=(0, 0), radius=1, travel=1)
+        out.append(spec.caption(("en", "zh")[i % 2] if lang == "both" else lang))
+    return out

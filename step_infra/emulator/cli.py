@@ -30,9 +30,9 @@ BREAKDOWN_LABELS = {
 
 def print_plan(plan: object, console: Console, *, top: int = 10, explain: bool = False) -> None:
     """The top layouts, the chosen one's breakdown and the GPU split."""
-    from step_infra.emulator.planner import Plan
+    from step_infra.emulator.planner import PlanSearch
 
-    assert isinstance(plan, Plan)
+    assert isinstance(plan, PlanSearch)
     m, cl, ch = plan.model, plan.trainer_cluster, plan.chosen
     table = Table(
         title=f"{m.name}: top layouts of {len(plan.table)} that fit, "

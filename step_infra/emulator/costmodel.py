@@ -38,11 +38,21 @@ from step_infra.emulator.counts import (
 from step_infra.emulator.specs import ClusterSpec, ModelSpec
 
 Columns = dict[str, np.ndarray]
+ArrayOrFloat = np.ndarray | float
 GB = 1e9
 # Share of tensor-parallel traffic hidden under GEMMs by Transformer-Engine's userbuffer
 # overlap (``--tp-comm-overlap``): chunks of the all-gather/reduce-scatter run while the
 # previous chunk's GEMM computes; the first and last chunk stay exposed.
 TP_OVERLAP_HIDDEN = 0.9
+# Time of a backward over its forward: a matmul's backward is two products the size of the
+# forward one (input and weight gradients); fused attention's is about 2.5x (REFERENCE.md:
+# it recomputes the scores from the saved softmax statistics). ``hwprobe`` counts its
+# measured FLOPs with the same factors, so the rates it fits are the rates priced here.
+GEMM_BACKWARD_FACTOR = 2.0
+ATTN_BACKWARD_FACTOR = 2.5
+# Knees of the achievable-attention curve (see ``attention_fill``), fixed, not fitted.
+ATTN_SEQ_KNEE = 128.0  # query tokens per rank
+ATTN_HEAD_KNEE = 32.0  # elements of one head
 
 
 def evaluate(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
@@ -124,20 +134,30 @@ def _memory(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
 
 
 # ------------------------------------------------------------------------------------- time
+def ring_allreduce_terms(n: ArrayOrFloat) -> tuple[ArrayOrFloat, ArrayOrFloat]:
+    """(latency hops, share of the bytes that crosses each link) of a ring all-reduce over
+    ``n`` ranks: ``2 (n - 1)`` hops and ``2 (n - 1) / n`` of the bytes (a reduce-scatter then
+    an all-gather; the bus-bandwidth convention of nccl-tests). The time model prices a
+    collective with them (``hops x latency + share x bytes / bandwidth``) and ``hwprobe`` fits
+    measured gloo all-reduces to the same terms."""
+    return 2.0 * (n - 1), 2.0 * (n - 1) / n
+
+
 def _ring_allreduce_s(
     nbytes: np.ndarray, n: np.ndarray, bw_gb_s: np.ndarray, lat_us: np.ndarray
 ) -> np.ndarray:
-    """Ring all-reduce: ``2 (n - 1) / n`` of the bytes cross each link, ``2 (n - 1)`` hops."""
-    return np.where(
-        n > 1, 2 * (n - 1) / n * nbytes / (bw_gb_s * GB) + 2 * (n - 1) * lat_us * 1e-6, 0.0
-    )
+    """Ring all-reduce, seconds (see :func:`ring_allreduce_terms`)."""
+    hops, share = ring_allreduce_terms(n)
+    return np.where(n > 1, share * nbytes / (bw_gb_s * GB) + hops * lat_us * 1e-6, 0.0)
 
 
 def _ring_half_s(
     nbytes: np.ndarray, n: np.ndarray, bw_gb_s: np.ndarray, lat_us: np.ndarray
 ) -> np.ndarray:
-    """Reduce-scatter, all-gather or all-to-all: ``(n - 1) / n`` of the bytes, ``n - 1`` hops."""
-    return np.where(n > 1, (n - 1) / n * nbytes / (bw_gb_s * GB) + (n - 1) * lat_us * 1e-6, 0.0)
+    """Reduce-scatter, all-gather or all-to-all, seconds: half a ring all-reduce, ``(n - 1) /
+    n`` of the bytes and ``n - 1`` hops."""
+    hops, share = ring_allreduce_terms(n)
+    return np.where(n > 1, share / 2 * nbytes / (bw_gb_s * GB) + hops / 2 * lat_us * 1e-6, 0.0)
 
 
 def _link(cluster: ClusterSpec, span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,22 +168,46 @@ def _link(cluster: ClusterSpec, span: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return bw, lat
 
 
+def gemm_fill(dim: ArrayOrFloat, tokens: ArrayOrFloat, half_dim: float) -> ArrayOrFloat:
+    """Share of ``peak x gemm_eff_max`` that a ``(tokens x dim)``-sized GEMM reaches,
+    ``1 / (1 + half_dim / dim + half_dim / tokens)`` (dimensionless; ``dim`` the per-GPU
+    width, ``tokens`` the rows, ``half_dim`` the fitted ``GPUSpec.gemm_half_dim``, all in
+    elements): small GEMMs underfill the device. The time model prices with it and
+    ``hwprobe.fit_gemm_curve`` fits measured rates to it."""
+    return 1.0 / (1.0 + half_dim / dim + half_dim / tokens)
+
+
+def attention_fill(seq_q: ArrayOrFloat, head_dim: ArrayOrFloat) -> ArrayOrFloat:
+    """Share of ``peak x attn_eff`` that fused attention reaches,
+    ``1 / (1 + 128 / seq_q + 32 / head_dim)`` (dimensionless; ``seq_q`` query tokens per
+    rank, ``head_dim`` elements): short query blocks and small heads underfill the device.
+
+    The knees (``ATTN_SEQ_KNEE``, ``ATTN_HEAD_KNEE``) are fixed; only ``attn_eff`` is fitted
+    (``calibration.fit`` on published runs, ``hwprobe.attention_efficiency`` on this machine,
+    which inverts this curve). 128 is the query-tile height of FlashAttention-2's forward
+    kernel (Dao 2023, arXiv 2307.08691): a shorter sequence leaves the tile part empty. The
+    head knee, 32, is chosen, not measured: a 64-wide head loses a third, a 128-wide one a
+    fifth, and ``attn_eff`` absorbs the rest.
+    """
+    return 1.0 / (1.0 + ATTN_SEQ_KNEE / seq_q + ATTN_HEAD_KNEE / head_dim)
+
+
 def gemm_rate(
     cluster: ClusterSpec, fp8: np.ndarray, dim: np.ndarray, tokens: np.ndarray
 ) -> np.ndarray:
     """Achievable matmul FLOP/s: peak x efficiency that grows with the per-GPU GEMM size
-    (``eff_max / (1 + half_dim / d + half_dim / tokens)``): small GEMMs underfill the GPU."""
+    (``eff_max x gemm_fill``)."""
     g = cluster.gpu
     peak = np.where(
         fp8 == 1, g.peak_tflops_fp8 * g.fp8_gemm_eff_max, g.peak_tflops_bf16 * g.gemm_eff_max
     )
-    return peak * 1e12 / (1.0 + g.gemm_half_dim / dim + g.gemm_half_dim / tokens)
+    return peak * 1e12 * gemm_fill(dim, tokens, g.gemm_half_dim)
 
 
 def attention_rate(cluster: ClusterSpec, seq_q: np.ndarray, head_dim: int) -> np.ndarray:
-    """Achievable fused-attention FLOP/s (bf16): short query blocks and small heads underfill."""
+    """Achievable fused-attention FLOP/s (bf16): ``peak x attn_eff x attention_fill``."""
     g = cluster.gpu
-    return g.peak_tflops_bf16 * 1e12 * g.attn_eff / (1.0 + 128.0 / seq_q + 32.0 / head_dim)
+    return np.asarray(g.peak_tflops_bf16 * 1e12 * g.attn_eff * attention_fill(seq_q, head_dim))
 
 
 def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
@@ -190,7 +234,7 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
     elem = elem_bytes / (hw.hbm_gb_s * GB)
     t_dense, t_attn = (dense + logits) / dense_rate, attn / attn_rate
     fwd = t_dense + t_attn + elem
-    bwd = 2.0 * t_dense + 2.5 * t_attn + 2.0 * elem
+    bwd = GEMM_BACKWARD_FACTOR * t_dense + ATTN_BACKWARD_FACTOR * t_attn + 2.0 * elem
     recompute = np.select([c["recompute"] == 2, c["recompute"] == 1], [fwd, elem], 0.0)
 
     # tensor parallel: all-reduce (or RS + AG with SP, same bytes) per block output; a DiT's
@@ -215,7 +259,7 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
         np.where(cp > 1, (cp - 1) * (kv_bytes / (cp_bw * GB) + cp_lat * 1e-6), 0.0) * layers_stage
     )
     ring_total = ring_fwd * (passes + 1.0)  # backward sends K/V and their gradients
-    attn_share = t_attn * (passes + 1.5) / 2.0
+    attn_share = t_attn * (passes - 1.0 + ATTN_BACKWARD_FACTOR) / 2.0  # forwards + backward
     ring_exposed = np.maximum(ring_total - attn_share, 0.0)
     cp_comm = np.where(c["ring"] == 1, ring_total, ulysses)
     cp_exposed = np.where(c["ring"] == 1, ring_exposed, ulysses)
@@ -276,8 +320,8 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
     return {
         "step_time_s": step,
         "micro_batches": micro,
-        "t_compute_dense_s": (t_dense * 3.0) * micro,
-        "t_compute_attention_s": (t_attn * 3.5) * micro,
+        "t_compute_dense_s": t_dense * (1.0 + GEMM_BACKWARD_FACTOR) * micro,
+        "t_compute_attention_s": t_attn * (1.0 + ATTN_BACKWARD_FACTOR) * micro,
         "t_compute_elementwise_s": (elem * 3.0) * micro,
         "t_recompute_s": recompute * micro,
         "t_dispatch_exposed_s": dispatch_exposed * micro,

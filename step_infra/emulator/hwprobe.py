@@ -42,12 +42,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from step_infra.emulator.costmodel import (
+    ATTN_BACKWARD_FACTOR,
+    GEMM_BACKWARD_FACTOR,
+    attention_fill,
+    gemm_fill,
+    ring_allreduce_terms,
+)
 
-# The achievable-attention curve of the time model uses these fixed knees
-# (``rate = peak * attn_eff / (1 + 128 / seq_q + 32 / head_dim)``); the probe inverts it.
-_ATTN_SEQ_KNEE = 128.0
-_ATTN_HEAD_KNEE = 32.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,19 +143,18 @@ def measure_matmul(cfg: ProbeConfig) -> list[dict[str, float]]:
 
         fns.append(triple)
     secs = _time_calls(fns, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    # the forward product's FLOPs; the backward's two products as the time model counts them
+    fwd = [2.0 * cfg.gemm_tokens * d * 4 * d for d in cfg.gemm_dims]
     return [
-        {
-            "tokens": cfg.gemm_tokens,
-            "dim": d,
-            "tflops": 3 * 2.0 * cfg.gemm_tokens * d * 4 * d / sec / 1e12,
-        }
-        for d, sec in zip(cfg.gemm_dims, secs, strict=True)
+        {"tokens": cfg.gemm_tokens, "dim": d, "tflops": (1 + GEMM_BACKWARD_FACTOR) * f / sec / 1e12}
+        for d, f, sec in zip(cfg.gemm_dims, fwd, secs, strict=True)
     ]
 
 
 def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
-    """TFLOP/s of ``scaled_dot_product_attention`` forward + backward, counted as 3.5 x the
-    forward's ``4 b h s^2 d`` FLOPs (backward about 2.5 x forward, REFERENCE.md), no mask."""
+    """TFLOP/s of ``scaled_dot_product_attention`` forward + backward, counted as the time
+    model does: ``1 + costmodel.ATTN_BACKWARD_FACTOR`` (3.5) x the forward's ``4 b h s^2 d``
+    FLOPs, no mask."""
     import torch
     import torch.nn.functional as F
 
@@ -171,13 +173,10 @@ def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
 
         fns.append(step)
     secs = _time_calls(fns, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    fwd = [4.0 * cfg.attn_heads * s * s * cfg.head_dim for s in cfg.attn_seqs]
     return [
-        {
-            "seq": s,
-            "head_dim": cfg.head_dim,
-            "tflops": 3.5 * 4.0 * cfg.attn_heads * s * s * cfg.head_dim / sec / 1e12,
-        }
-        for s, sec in zip(cfg.attn_seqs, secs, strict=True)
+        {"seq": s, "head_dim": cfg.head_dim, "tflops": (1 + ATTN_BACKWARD_FACTOR) * f / sec / 1e12}
+        for s, f, sec in zip(cfg.attn_seqs, fwd, secs, strict=True)
     ]
 
 
@@ -293,50 +292,6 @@ def measure_loopback(cfg: ProbeConfig) -> dict[str, float]:
     return {"gb_s": len(payload) / sec / 1e9, "latency_us": statistics.median(rtts) / 2 * 1e6}
 
 
-_GLOO_WORKER = """
-import sys, time, json, statistics
-import torch, torch.distributed as dist
-rank, port, mb, reps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                        timeout=__import__("datetime").timedelta(seconds=60))
-a = torch.randn(256, 256)
-def burst(n):  # fixed work (not fixed time): ranks that run slower arrive later, as in a job
-    for _ in range(n):
-        a @ a
-def in_context(nbytes, count, work=8):
-    # Mean time in all_reduce of a fresh tensor issued right after a burst of compute.
-    base, out = torch.ones(max(1, nbytes // 4)), []
-    for i in range(count + 2):
-        t = base.clone()
-        burst(work)
-        t0 = time.perf_counter(); dist.all_reduce(t); dt = time.perf_counter() - t0
-        if i >= 2:
-            out.append(dt)
-    return statistics.mean(out)
-small = torch.ones(1)
-hot = []
-for _ in range(50):
-    t0 = time.perf_counter(); dist.all_reduce(small); hot.append(time.perf_counter() - t0)
-big = mb * 2**20
-sizes = {64 * 1024: in_context(64 * 1024, reps), 2**20: in_context(2**20, reps)}
-sizes[big] = in_context(big, max(3, reps // 12))
-# Overlap: the big all-reduce launched asynchronously while this rank computes about as long.
-work, alone, both, comm = 60, [], [], []
-for _ in range(max(9, reps // 5)):
-    t = torch.ones(big // 4); dist.barrier()
-    t0 = time.perf_counter(); burst(work); alone.append(time.perf_counter() - t0)
-    dist.barrier(); t0 = time.perf_counter(); dist.all_reduce(t); comm.append(time.perf_counter() - t0)
-    dist.barrier(); t0 = time.perf_counter()
-    h = dist.all_reduce(t, async_op=True); burst(work); h.wait()
-    both.append(time.perf_counter() - t0)
-if rank == 0:
-    print(json.dumps({"hot_small_s": statistics.median(hot), "sizes": sizes,
-                      "compute_s": statistics.median(alone), "allreduce_s": statistics.median(comm),
-                      "overlapped_s": statistics.median(both)}))
-dist.destroy_process_group()
-"""
-
-
 def measure_compute_concurrent(cfg: ProbeConfig, *, timeout_s: float = 120.0) -> dict[str, Any]:
     """Matmul and attention rates (and the host time per op) per rank while ``cfg.concurrent_ranks`` processes measure at
     once: the rate each rank of a local multi-rank job gets when they share the machine's cores
@@ -427,7 +382,9 @@ def measure_gloo_allreduce(
     later, as in a job) and the *mean* over ``reps`` (``cfg.gloo_reps``) is kept: the rare slow wake-ups of a
     shared, virtualized host are part of what a step pays, and a median hides them. Sizes
     64 KiB, 1 MiB and ``loopback_mb`` give the ring's per-hop latency and bus bandwidth
-    (``t = 2 (n-1) lat + 2 (n-1)/n bytes / busbw``, least squares). Then the big all-reduce
+    (``t = 2 (n-1) lat + 2 (n-1)/n bytes / busbw``, the time model's
+    ``costmodel.ring_allreduce_terms``, least squares). Each rank is a
+    :mod:`step_infra.emulator.gloo_probe_worker` process. Then the big all-reduce
     runs asynchronously beside a compute burst of about its length: the share of the compute
     time it hid under (from the medians of ``reps / 5`` repeats of each, 9 at least) is
     ``overlap`` (near 0 on a CPU, whose cores do both). Both processes are ours and are
@@ -444,7 +401,7 @@ def measure_gloo_allreduce(
         args = [str(_free_port()), str(cfg.loopback_mb), str(reps or cfg.gloo_reps)]
         procs += [
             subprocess.Popen(
-                [sys.executable, "-c", _GLOO_WORKER, str(r), *args],
+                [sys.executable, "-m", "step_infra.emulator.gloo_probe_worker", str(r), *args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -472,21 +429,21 @@ def measure_gloo_allreduce(
     res["sizes"] = {
         size: statistics.mean(r["sizes"][size] for r in per_pair) for size in per_pair[0]["sizes"]
     }
-    n = 2
+    hops, share = ring_allreduce_terms(2.0)  # the time model's ring over the 2 ranks
     nbytes = np.array([float(k) for k in res["sizes"]])
     secs = np.array(list(res["sizes"].values()), dtype=float)
     # relative least squares: each size weighs the same whatever its time
-    design = np.stack([np.full_like(nbytes, 2.0 * (n - 1)), 2.0 * (n - 1) / n * nbytes], axis=1)
+    design = np.stack([np.full_like(nbytes, hops), share * nbytes], axis=1)
     (lat_s, inv_bw), *_ = np.linalg.lstsq(design / secs[:, None], np.ones_like(secs), rcond=None)
     if inv_bw <= 0 or lat_s <= 0:  # noise swamped one term: fall back to the two extremes
-        lat_s = secs[0] / (2 * (n - 1))
-        inv_bw = max(secs[-1] - secs[0], 1e-9) / (2 * (n - 1) / n * (nbytes[-1] - nbytes[0]))
+        lat_s = secs[0] / hops
+        inv_bw = max(secs[-1] - secs[0], 1e-9) / (share * (nbytes[-1] - nbytes[0]))
     # time saved by running both at once, from the medians of each (robust to one slow run)
     hidden = res["compute_s"] + res["allreduce_s"] - res["overlapped_s"]
     return {
         "busbw_gb_s": 1.0 / inv_bw / 1e9,
         "latency_us": lat_s * 1e6,
-        "hot_latency_us": res["hot_small_s"] / (2 * (n - 1)) * 1e6,
+        "hot_latency_us": res["hot_small_s"] / hops * 1e6,
         "overlap": min(1.0, max(0.0, hidden / res["compute_s"])),
         "in_context_s": {str(int(b)): float(t) for b, t in zip(nbytes, secs, strict=True)},
         "overlap_probe_s": {
@@ -498,8 +455,9 @@ def measure_gloo_allreduce(
 
 
 def fit_gemm_curve(rows: list[dict[str, float]]) -> tuple[float, float]:
-    """Fit ``rate = rate_max / (1 + half_dim / d + half_dim / tokens)`` (the time model's GEMM
-    curve) to measured rates by least squares in log space; returns (rate_max TFLOP/s, half_dim).
+    """Fit ``rate = rate_max x costmodel.gemm_fill(d, tokens, half_dim)`` (the time model's
+    GEMM curve) to measured rates by least squares in log space; returns (rate_max TFLOP/s,
+    half_dim).
 
     A machine has no datasheet peak here, so the fitted asymptote is the profile's peak and
     ``gemm_eff_max`` is 1: the curve, not a guessed peak, carries the measurement.
@@ -514,19 +472,17 @@ def fit_gemm_curve(rows: list[dict[str, float]]) -> tuple[float, float]:
 
     def resid(x: np.ndarray) -> np.ndarray:
         rate_max, half = x
-        return np.log(rate_max / (1 + half / d + half / t)) - np.log(y)
+        return np.log(rate_max * gemm_fill(d, t, half)) - np.log(y)
 
     sol = least_squares(resid, x0=[top * 1.2, 32.0], bounds=([top * 0.5, 0.0], [top * 100, 1e5]))
     return float(sol.x[0]), float(sol.x[1])
 
 
 def attention_efficiency(rows: list[dict[str, float]], peak_tflops: float) -> float:
-    """``attn_eff`` that makes the time model's attention curve pass through the median row."""
+    """``attn_eff`` that makes the time model's attention curve (``peak x attn_eff x
+    costmodel.attention_fill``) pass through the median row."""
     effs = [
-        r["tflops"]
-        / peak_tflops
-        * (1 + _ATTN_SEQ_KNEE / r["seq"] + _ATTN_HEAD_KNEE / r["head_dim"])
-        for r in rows
+        r["tflops"] / peak_tflops / float(attention_fill(r["seq"], r["head_dim"])) for r in rows
     ]
     return float(statistics.median(effs))
 

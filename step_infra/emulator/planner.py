@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from step_infra.emulator.allocation import Allocation, split_for_trainers
 from step_infra.emulator.counts import parameter_count
 from step_infra.emulator.estimate import Estimate, estimate
-from step_infra.emulator.plan_io import save_plan
+from step_infra.emulator.plan import save_plan
 from step_infra.emulator.search import pareto, row_strategy, search
 from step_infra.emulator.specs import ClusterSpec, ModelSpec
 
@@ -31,7 +31,7 @@ SPLIT_CANDIDATES = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Plan:
+class PlanSearch:
     """A planning run. ``table`` and ``chosen`` are searched on ``trainer_cluster``, the GPUs
     the encoder split leaves to the trainers (the whole ``cluster`` when there is no split),
     so the chosen layout's ``tp * pp * cp * dp`` is ``allocation.trainer_gpus``."""
@@ -93,7 +93,7 @@ def make_plan(
     vae_rate: float | None = DEFAULT_VAE_RATE,
     text_rate: float = DEFAULT_TEXT_RATE,
     **fixed: int,
-) -> Plan:
+) -> PlanSearch:
     """Search every layout, pick the fastest that fits, split the GPUs, price it exactly.
 
     For a video DiT with encoder rates the split and the layout depend on each other: the
@@ -165,7 +165,7 @@ def make_plan(
                 )
         else:
             note = f"no encoder split: {reason}"
-    return Plan(
+    return PlanSearch(
         model=model,
         cluster=cluster,
         table=table,
@@ -179,11 +179,11 @@ def make_plan(
     )
 
 
-def write_plan(plan: Plan, out: str | Path) -> Path:
+def write_plan(plan: PlanSearch, out: str | Path) -> Path:
     return save_plan(out, plan.model.name, plan.chosen, plan.allocation)
 
 
-def plot_plan(plan: Plan, out: str | Path) -> Path:
+def plot_plan(plan: PlanSearch, out: str | Path) -> Path:
     """Breakdown bars of the chosen layout and the search landscape (time vs memory)."""
     import matplotlib
 

@@ -1,7 +1,8 @@
 """A parallel layout and its rules (``Strategy``), in the Megatron vocabulary.
 
-Ranks are laid out ``dp x pp x cp x tp`` with tp fastest (as ``step_infra.topology``), so a
-TP group is ``tp`` neighbouring GPUs, inside one node when ``tp <= gpus_per_node``.
+Ranks are laid out ``dp x pp x cp x tp`` with tp fastest: :meth:`Strategy.grid` is the
+:class:`~step_infra.topology.ProcessGrid` the trainer builds its groups from, so a TP group is
+``tp`` neighbouring GPUs, inside one node when ``tp <= gpus_per_node``.
 ``validate`` names the rule a layout breaks; the vectorized search applies the same rules as
 boolean masks (``strategy_rules``), so both always agree.
 """
@@ -9,12 +10,14 @@ boolean masks (``strategy_rules``), so both always agree.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from step_infra.emulator.specs import ClusterSpec, ModelSpec
+from step_infra.topology import ProcessGrid
 
 RECOMPUTE = ("none", "selective", "full")
 CP_KINDS = ("ulysses", "ring")
@@ -43,6 +46,49 @@ class Strategy:
     overlap_tp_comm: bool = False
     precision: Precision = "bf16"
 
+    def check(self) -> Strategy:
+        """Raise ``ValueError`` for a setting no layout can have (any model, any cluster)."""
+        for name in ("tp", "pp", "vpp", "cp", "micro_batch", "global_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"strategy.{name}={value!r}; expected a positive integer")
+        if self.dp is not None and (isinstance(self.dp, bool) or self.dp < 1):
+            raise ValueError(f"strategy.dp={self.dp!r}; expected a positive integer or none")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r}; expected one of {RECOMPUTE}")
+        if self.cp_kind not in CP_KINDS:
+            raise ValueError(f"cp_kind={self.cp_kind!r}; expected one of {CP_KINDS}")
+        if self.precision not in ("bf16", "fp8"):
+            raise ValueError(f"precision={self.precision!r}; expected 'bf16' or 'fp8'")
+        return self
+
+    def refuse(self, supported: Mapping[str, Any], *, by: str) -> None:
+        """Raise ``ValueError`` naming every setting ``by`` cannot honour; ``supported`` maps a
+        field to the value (or a tuple of the values) ``by`` runs. Unnamed fields are free."""
+        bad = []
+        for key, allowed in supported.items():
+            value = getattr(self, key)
+            ok = value in allowed if isinstance(allowed, tuple) else value == allowed
+            if not ok:
+                bad.append(f"{key}={value!r} (runs: {allowed!r})")
+        if bad:
+            raise ValueError(f"{by} cannot run " + ", ".join(bad))
+
+    def grid(self, world_size: int | None = None) -> ProcessGrid:
+        """The process grid of this layout; ``world_size`` fills ``dp`` when it is ``None``
+        (and must agree with it when it is not)."""
+        if world_size is None:
+            if self.dp is None:
+                raise ValueError("strategy.dp is not set: give the world size to derive it")
+            return ProcessGrid(dp=self.dp, pp=self.pp, cp=self.cp, tp=self.tp)
+        grid = ProcessGrid.for_world(world_size, tp=self.tp, pp=self.pp, cp=self.cp)
+        if self.dp is not None and self.dp != grid.dp:
+            raise ValueError(
+                f"strategy dp={self.dp} x tp*pp*cp={self.tp * self.pp * self.cp} is "
+                f"{self.dp * self.tp * self.pp * self.cp} ranks, but the job has {world_size}"
+            )
+        return grid
+
     def resolved(self, cluster: ClusterSpec) -> Strategy:
         """This strategy with ``dp`` filled in from the cluster size."""
         per_replica = self.tp * self.pp * self.cp
@@ -61,13 +107,7 @@ class Strategy:
 
     def validate(self, model: ModelSpec, cluster: ClusterSpec) -> Strategy:
         """Raise ``ValueError`` naming the first broken rule; return the resolved strategy."""
-        s = self.resolved(cluster)
-        if s.recompute not in RECOMPUTE:
-            raise ValueError(f"recompute={s.recompute!r}; expected one of {RECOMPUTE}")
-        if s.cp_kind not in CP_KINDS:
-            raise ValueError(f"cp_kind={s.cp_kind!r}; expected one of {CP_KINDS}")
-        if s.precision not in ("bf16", "fp8"):
-            raise ValueError(f"precision={s.precision!r}; expected 'bf16' or 'fp8'")
+        s = self.resolved(cluster).check()
         arrays = {k: np.array([v]) for k, v in _numeric(s).items()}
         for rule, ok in strategy_rules(model, cluster, arrays).items():
             if not bool(ok[0]):

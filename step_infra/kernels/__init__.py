@@ -4,6 +4,9 @@
 on CUDA and to the PyTorch reference on the CPU (see ``dispatch``). ``adaln_modulate``,
 ``gated_residual`` and ``qk_norm_rope`` are the fused element-wise ops of a DiT block
 (Triton; CUDA or the interpreter).
+
+The one package whose names are imported eagerly: ``flash_attention`` is both a function
+and a submodule, and a lazily loaded submodule would replace the function on the package.
 """
 
 from step_infra.kernels.adaln import adaln_modulate, gated_residual

@@ -97,6 +97,17 @@ def get_preset(name_or_config: str | DiTConfig) -> DiTConfig:
     return PRESETS[name_or_config]
 
 
+def conditioned_preset(
+    name_or_config: str | DiTConfig, *, latent_channels: int, text_dims: tuple[int, int]
+) -> DiTConfig:
+    """A preset sized for the VAE and text encoders it trains with: latent channels in and
+    out, and the widths of the two text encoders' features (short, long). Every trainer
+    (recipes, the streaming job) builds its DiT through this."""
+    return get_preset(name_or_config).replace(
+        in_channels=latent_channels, text_dim_short=text_dims[0], text_dim_long=text_dims[1]
+    )
+
+
 def dit_parameter_count(preset_or_config: str | DiTConfig) -> int:
     """Parameters of :class:`~step_infra.models.dit.DiT`, from the shapes alone.
 

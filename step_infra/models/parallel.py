@@ -227,20 +227,66 @@ def tp_partial_grads(model: torch.nn.Module, groups: ParallelGroups) -> list[tor
     ]
 
 
-def finalize_grads(model: torch.nn.Module, groups: ParallelGroups) -> None:
+def finalize_grads(
+    model: torch.nn.Module,
+    groups: ParallelGroups,
+    *,
+    dp_mean: bool = True,
+    ride_along: list[torch.Tensor] | None = None,
+) -> None:
     """Reduce gradients after backward, as megatron-core's ``finalize_model_grads`` does.
 
     - parameters marked ``tp_partial_grad`` are summed over the tensor-parallel group;
     - every gradient is summed over the context-parallel group (each rank saw part of the
-      sequence) and averaged over the data-parallel group (each rank saw part of the batch).
+      sequence) and averaged over the data-parallel group (each rank saw part of the batch),
+      or summed with ``dp_mean=False`` (when each rank already scaled its loss by the global
+      batch, as the streaming job does: replicas may hold unequal shares);
+    - ``ride_along`` tensors (e.g. the loss) are summed over data parallel in the same call.
 
-    Each reduction is one coalesced all-reduce.
+    A trainable parameter without a gradient gets zeros first, so every rank contributes
+    the same tensors to each coalesced all-reduce (a replica may have had no samples).
     """
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     all_reduce_coalesced(tp_partial_grads(model, groups), groups.tp)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if groups.cp_size > 1:
         all_reduce_coalesced(grads, groups.cp)
+    extra = list(ride_along or [])
     if groups.dp_size > 1:
-        all_reduce_coalesced(grads, groups.dp)
-        for g in grads:
-            g.div_(groups.dp_size)
+        all_reduce_coalesced([*grads, *extra], groups.dp)
+        if dp_mean:
+            for g in grads:
+                g.div_(groups.dp_size)
+
+
+def clip_grad_norm(model: torch.nn.Module, groups: ParallelGroups | None, max_norm: float) -> float:
+    """Clip gradients by their global norm; returns the norm before clipping.
+
+    Tensor-parallel shards (``tensor_model_parallel``) hold different parts of a parameter:
+    their squares are summed over the TP group; replicated parameters are counted once. On
+    one rank (``groups`` None) this is ``torch.nn.utils.clip_grad_norm_``'s L2 clip.
+    ``max_norm <= 0``: measure only.
+    """
+    tp = groups.tp_size if groups is not None else 1
+    sharded = torch.zeros(1)
+    replicated = torch.zeros(1)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().square().sum()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            replicated += sq
+    if tp > 1:
+        assert groups is not None
+        dist.all_reduce(sharded, group=groups.tp)
+    norm = float((sharded + replicated).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm

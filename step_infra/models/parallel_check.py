@@ -23,10 +23,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+from step_infra.emulator.plan import Plan
 from step_infra.models.config import get_preset
 from step_infra.models.dit import build_dit
 from step_infra.models.parallel import ParallelGroups, SingleRankGroup, finalize_grads
-from step_infra.topology import ProcessGrid, StrategySpec, load_strategy_toml
+from step_infra.topology import ProcessGrid
 
 _LAYOUT = re.compile(r"^(?:tp(\d))?(?:cp(\d)([ur]))?(?:dp(\d))?(sp)?$")
 
@@ -109,11 +110,16 @@ def run_layout(
     }
 
 
-def run_strategy(spec: StrategySpec, *, tol: float) -> dict[str, object]:
-    """Build the strategy's preset (if small enough for the CPU) with its layout and check it."""
-    preset = spec.preset if spec.preset in ("tiny-dit", "micro-dit") else "micro-dit"
-    result = run_layout(spec.grid, spec.sequence_parallel, spec.cp_kind, tol=tol, preset=preset)
-    result["strategy_preset"] = spec.preset
+def run_strategy(plan: Plan, *, tol: float) -> dict[str, object]:
+    """Build the plan's preset (if small enough for the CPU) with its layout and check it.
+    Settings this check cannot run (pipeline stages) are refused, not ignored."""
+    plan.refuse({"pp": 1, "vpp": 1}, by="parallel_check (no pipeline parallelism yet)")
+    preset = plan.preset if plan.preset in ("tiny-dit", "micro-dit") else "micro-dit"
+    s = plan.strategy
+    result = run_layout(
+        plan.grid(dist.get_world_size()), s.sequence_parallel, s.cp_kind, tol=tol, preset=preset
+    )
+    result["strategy_preset"] = plan.preset
     return result
 
 
@@ -131,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     failed = False
-    jobs: list[tuple[str, StrategySpec | tuple[ProcessGrid, bool, str]]] = [
+    jobs: list[tuple[str, Plan | tuple[ProcessGrid, bool, str]]] = [
         (name, parse_layout(name)) for name in args.layouts
     ]
     if args.strategy:
-        jobs.append(("strategy", load_strategy_toml(args.strategy)))
+        jobs.append(("strategy", Plan.load(args.strategy)))
     for name, job in jobs:
-        if isinstance(job, StrategySpec):
+        if isinstance(job, Plan):
             result = run_strategy(job, tol=args.tol)
         else:
             grid, sp, kind = job

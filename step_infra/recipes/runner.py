@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from step_infra import config_io
 from step_infra.data.media import write_gif
 from step_infra.data.motion import motion_accuracy
-from step_infra.data.synthetic import COLORS, DIRECTIONS, SHAPES, ClipSpec, SyntheticClips
-from step_infra.models.config import get_preset
+from step_infra.data.synthetic import SyntheticClips, eval_captions
+from step_infra.models.config import conditioned_preset
 from step_infra.models.dit import DiT, build_dit
 from step_infra.models.text import TextEncoders
 from step_infra.models.vae import VideoVAE, psnr
@@ -34,19 +35,9 @@ from step_infra.train.dpo import diffusion_dpo_loss
 from step_infra.train.flow import euler_sample, flow_matching_loss
 from step_infra.train.loop import TextBatch, TextCache, infinite, loss_drop, train
 from step_infra.train.turbo import reflow_loss
+from step_infra.train.vae_pretrain import pretrain_vae
 
 log = logging.getLogger(__name__)
-
-
-def eval_captions(n: int, lang: str) -> list[str]:
-    """``n`` captions cycling over every colour x shape x direction (balanced directions)."""
-    out = []
-    combos = [(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
-    for i in range(n):
-        c, s, d = combos[i % len(combos)]
-        spec = ClipSpec(color=c, shape=s, direction=d, start_xy=(0, 0), radius=1, travel=1)
-        out.append(spec.caption(lang))
-    return out
 
 
 class Pipeline:
@@ -62,9 +53,8 @@ class Pipeline:
         self.vae = VideoVAE(recipe.vae)
         encoders = text or TextEncoders()
         self.text = TextCache(encoders)
-        dims = encoders.dims
-        config = get_preset(recipe.dit_preset).replace(
-            in_channels=recipe.vae.latent_channels, text_dim_short=dims[0], text_dim_long=dims[1]
+        config = conditioned_preset(
+            recipe.dit_preset, latent_channels=recipe.vae.latent_channels, text_dims=encoders.dims
         )
         self.model: DiT = build_dit(config, seed=recipe.seed)
         self.latent_scale = 1.0
@@ -75,17 +65,7 @@ class Pipeline:
     # ---- VAE -------------------------------------------------------------------------------
     def train_vae(self) -> dict[str, Any]:
         data = SyntheticClips(self.recipe.data)
-        batches = infinite(len(data), 16, self.recipe.seed)
-        g = torch.Generator().manual_seed(self.recipe.seed)
-
-        def loss_fn(step: int) -> torch.Tensor:
-            video = data.batch(next(batches))["video"]
-            assert isinstance(video, torch.Tensor)
-            if step < self.recipe.vae_optim.steps // 4:  # progressive: images first, then clips
-                video = video[:, :, :1]
-            return self.vae(video, generator=g)[1]
-
-        losses = train(self.vae, loss_fn, self.recipe.vae_optim)
+        losses = pretrain_vae(self.vae, data, self.recipe.vae_optim, seed=self.recipe.seed)
         torch.save(self.vae.state_dict(), self.dir / "checkpoints" / "vae.pt")
         held_out = SyntheticClips(
             dataclasses.replace(self.recipe.data, seed=self.recipe.seed + 99, num_clips=64)
@@ -374,25 +354,5 @@ def run_recipe(
 
 
 def write_config_toml(recipe: RecipeConfig, path: Path) -> None:
-    """The recipe as TOML (tables for nested configs), for the run directory."""
-    lines: list[str] = []
-
-    def emit(prefix: str, obj: Any) -> None:
-        scalars, tables = [], []
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if dataclasses.is_dataclass(v):
-                tables.append((f.name, v))
-            elif isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0]):
-                tables += [(f"{f.name}.{i}", x) for i, x in enumerate(v)]
-            else:
-                scalars.append((f.name, v))
-        if prefix:
-            lines.append(f"\n[{prefix}]")
-        for k, v in scalars:
-            lines.append(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}")
-        for k, v in tables:
-            emit(f"{prefix}.{k}" if prefix else k, v)
-
-    emit("", recipe)
-    path.write_text("\n".join(lines) + "\n")
+    """The recipe as the run directory's ``config.toml`` (tables for nested configs)."""
+    config_io.save(recipe, path, header=f"step-infra recipe {recipe.name}")

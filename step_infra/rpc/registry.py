@@ -224,3 +224,45 @@ class RegistryClient:
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
+
+
+def serve(config: RegistryConfig, *, run_s: float = 0.0) -> None:
+    """Run a registry until ``run_s`` seconds passed (0: until stopped or Ctrl-C)."""
+    reg = Registry(config)
+    log.info("registry listening on %s", reg.address)
+    try:
+        if run_s > 0:
+            time.sleep(run_s)
+        else:
+            reg.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reg.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m step_infra.rpc.registry``: what a launcher starts (token from STEP_TOKEN)."""
+    import argparse
+    import os
+
+    from step_infra.rpc.auth import TOKEN_ENV
+
+    ap = argparse.ArgumentParser(description="the StepRPC registry (gRPC)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0: a free port")
+    ap.add_argument("--lease-s", type=float, default=10.0)
+    ap.add_argument("--run-s", type=float, default=0.0, help="stop after this long (0: never)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise SystemExit(
+            f"{TOKEN_ENV} is not set: the registry admits only clients with the job token"
+        )
+    config = RegistryConfig(host=args.host, port=args.port, token=token, lease_s=args.lease_s)
+    serve(config, run_s=args.run_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,10 @@
-"""StepTelemetry: per-rank telemetry, straggler detection, eviction and a dashboard.
+"""StepTelemetry: per-rank telemetry, straggler detection and a dashboard (observability only).
 
 Recording (:class:`Recorder`) is cheap and never blocks the step; export goes to the local
 Parquet store (:class:`ParquetStore`) and OpenTelemetry (:class:`OTelSink`); the
-:class:`StragglerDetector` reads aggregated windows; an :class:`EvictionPolicy` decides and
-the elastic controller (:mod:`step_infra.telemetry.elastic`) acts through TorchElastic.
+:class:`StragglerDetector` reads aggregated windows. Acting on what it finds (eviction, hot
+spares, restarts) is :mod:`step_infra.elastic`'s job: it imports this package, never the
+reverse.
 
 Importing this package configures nothing, starts nothing and imports nothing heavy: the
 names below load their module on first use (PEP 562), so ``step-infra --help`` can import
@@ -13,7 +14,7 @@ names below load their module on first use (PEP 562), so ``step-infra --help`` c
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 _EXPORTS = {
     "Detection": "detector",
@@ -25,10 +26,6 @@ _EXPORTS = {
     "OTelSink": "otel",
     "StragglerScores": "otel",
     "make_meter_provider": "otel",
-    "DetectOnly": "policy",
-    "Evict": "policy",
-    "EvictionPolicy": "policy",
-    "make_policy": "policy",
     "Recorder": "recorder",
     "RecorderConfig": "recorder",
     "MetricsSink": "sink",
@@ -38,39 +35,9 @@ _EXPORTS = {
     "Kind": "window",
     "Stats": "window",
     "Window": "window",
-    "ElasticConfig": "elastic",
-    "ElasticResult": "elastic",
-    "run_elastic_job": "elastic",
 }
 
-__all__ = [
-    "DetectOnly",
-    "Detection",
-    "DetectorConfig",
-    "ElasticConfig",
-    "ElasticResult",
-    "EventLog",
-    "Evict",
-    "EvictionPolicy",
-    "Kind",
-    "MetricsSink",
-    "OTelConfig",
-    "OTelSink",
-    "ParquetStore",
-    "Recorder",
-    "RecorderConfig",
-    "Stats",
-    "StoreTail",
-    "StragglerDetector",
-    "StragglerScores",
-    "Window",
-    "make_meter_provider",
-    "make_policy",
-    "read_events",
-    "read_store",
-    "run_elastic_job",
-]
-assert set(__all__) == set(_EXPORTS)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -78,20 +45,3 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'step_infra.telemetry' has no attribute {name!r}")
     return getattr(importlib.import_module(f"step_infra.telemetry.{module}"), name)
-
-
-if TYPE_CHECKING:
-    from step_infra.telemetry.detector import Detection, DetectorConfig, StragglerDetector
-    from step_infra.telemetry.elastic import ElasticConfig, ElasticResult, run_elastic_job
-    from step_infra.telemetry.events import EventLog, read_events
-    from step_infra.telemetry.otel import (
-        OTelConfig,
-        OTelSink,
-        StragglerScores,
-        make_meter_provider,
-    )
-    from step_infra.telemetry.policy import DetectOnly, Evict, EvictionPolicy, make_policy
-    from step_infra.telemetry.recorder import Recorder, RecorderConfig
-    from step_infra.telemetry.sink import MetricsSink
-    from step_infra.telemetry.store import ParquetStore, StoreTail, read_store
-    from step_infra.telemetry.window import Kind, Stats, Window

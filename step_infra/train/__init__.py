@@ -1,21 +1,39 @@
-"""Training objectives and loops: flow matching, Euler/CFG sampling, Diffusion-DPO, Turbo."""
+"""Training: flow matching, Euler/CFG sampling, Diffusion-DPO, Turbo, the single-process loop
+(``loop``, whose :func:`~step_infra.train.loop.apply_update` every trainer calls after its
+backward) and the streaming, elastic training job (``job/``, ``step-infra train``).
 
-from step_infra.train.flow import (
-    FlowConfig,
-    euler_sample,
-    flow_matching_loss,
-    interpolate,
-    sample_time,
-    shift_time,
-    time_grid,
-)
+Names load their module on first use (PEP 562), so ``step_infra.train.cli`` starts without
+torch.
+"""
 
-__all__ = [
-    "FlowConfig",
-    "euler_sample",
-    "flow_matching_loss",
-    "interpolate",
-    "sample_time",
-    "shift_time",
-    "time_grid",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    **{
+        name: "flow"
+        for name in (
+            "FlowConfig",
+            "euler_sample",
+            "flow_matching_loss",
+            "interpolate",
+            "sample_time",
+            "shift_time",
+            "time_grid",
+        )
+    },
+    "OptimConfig": "loop",
+    "apply_update": "loop",
+    "train": "loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'step_infra.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"step_infra.train.{module}"), name)

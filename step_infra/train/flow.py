@@ -62,11 +62,20 @@ def flow_matching_loss(
     *,
     config: FlowConfig,
     generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None,
     reduce: bool = True,
 ) -> torch.Tensor:
-    """Mean squared error between predicted and target velocity (per sample if not ``reduce``)."""
-    t = sample_time(x0.shape[0], config, generator).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    """Mean squared error between predicted and target velocity (per sample if not ``reduce``).
+
+    Times and noise are drawn from ``generator`` unless given (the streaming job draws them
+    per sample, from a generator seeded by the sample's id, so a sample's loss does not
+    depend on which rank or batch it lands in)."""
+    if t is None:
+        t = sample_time(x0.shape[0], config, generator)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator)
+    t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
     err = (velocity(interpolate(x0, eps, t), t) - (eps - x0)).square()
     per_sample = err.flatten(1).mean(1)
     return per_sample.mean() if reduce else per_sample

@@ -2,8 +2,9 @@
 
 Kept deliberately small: AdamW with linear warm-up, gradient clipping, an optional callback
 every ``checkpoint_every`` steps (the recipes save checkpoints there), and the per-step loss
-history returned to the caller. Multi-rank training reuses the same step with the groups of
-:mod:`step_infra.models.parallel` and ``finalize_grads`` between backward and the update.
+history returned to the caller. The update after a backward is :func:`apply_update`, on one
+process and on many: the streaming job's ranks (:mod:`step_infra.train.job.worker`) call it
+with their process groups, so gradient reduction and clipping are written once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from step_infra.models.parallel import ParallelGroups, clip_grad_norm, finalize_grads
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,25 @@ def make_optimizer(
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+def apply_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    grad_clip: float,
+    groups: ParallelGroups | None = None,
+    dp_mean: bool = True,
+    ride_along: list[torch.Tensor] | None = None,
+) -> float:
+    """After a backward: reduce gradients over ``groups`` (TP partial sums, CP sums, DP mean
+    or, with ``dp_mean=False``, sum; ``ride_along`` tensors are summed over DP in the same
+    all-reduce), clip by the global norm, step. Returns the norm before clipping."""
+    if groups is not None:
+        finalize_grads(model, groups, dp_mean=dp_mean, ride_along=ride_along or [])
+    norm = clip_grad_norm(model, groups, grad_clip)
+    optimizer.step()
+    return norm
+
+
 def train(
     model: nn.Module,
     loss_fn: Callable[[int], torch.Tensor],
@@ -121,9 +143,7 @@ def train(
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
+        apply_update(model, opt, grad_clip=config.grad_clip)
         sched.step()
         losses.append(float(loss.detach()))
         if on_checkpoint and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:

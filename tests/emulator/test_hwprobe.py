@@ -146,3 +146,22 @@ def test_op_overhead_is_measured_and_lands_in_the_profile() -> None:
     gpu = build_profile(meas, name="unit-cpu")["gpu"]
     assert gpu["op_overhead_us"] == us
     assert gpu["async_dispatch"] is False  # the probe's torch ran on the CPU
+
+
+def test_profile_reproduces_the_measured_rates_through_the_time_model(tmp_path: Path) -> None:
+    """The probe fits the time model's own curves (costmodel.gemm_fill, attention_fill): priced
+    on the profile, every measured shape comes back at its measured rate."""
+    import numpy as np
+
+    from step_infra.emulator.costmodel import attention_rate, gemm_rate
+
+    meas = _measurements()
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(build_profile(meas, name="unit-cpu")))
+    cluster = ClusterSpec.from_profile(path)
+    for r in meas["matmul"]:
+        rate = gemm_rate(cluster, np.array([0]), np.array([r["dim"]]), np.array([r["tokens"]]))
+        assert rate[0] / 1e12 == pytest.approx(r["tflops"], rel=1e-3)
+    for r in meas["attention"]:
+        rate = attention_rate(cluster, np.array([float(r["seq"])]), r["head_dim"])
+        assert rate[0] / 1e12 == pytest.approx(r["tflops"], rel=1e-3)

@@ -126,13 +126,19 @@ def test_plan_toml_round_trip(tmp_path: Path) -> None:
         get_model("stepvideo-t2v-30b"), cluster_for("h100-sxm", 2048), global_batch=256
     )
     path = write_plan(plan, tmp_path / "strategy.toml")
-    name, strategy = load_plan(path)
-    assert name == "stepvideo-t2v-30b" and strategy == plan.chosen.strategy
+    loaded = load_plan(path)  # the launcher and the trainer read the same file, the same way
+    assert loaded.preset == "stepvideo-t2v-30b" and loaded.strategy == plan.chosen.strategy
     assert plan.allocation is not None and not plan.allocation.stalls
-    from step_infra.topology import load_strategy_toml
-
-    spec = load_strategy_toml(path)  # the trainer side reads the same file
-    assert spec.grid.tp == strategy.tp and spec.grid.dp == strategy.dp
+    assert loaded.allocation is not None
+    assert loaded.allocation.trainer_gpus == plan.allocation.trainer_gpus
+    grid = loaded.grid()
+    assert (grid.tp, grid.pp, grid.cp, grid.dp) == (
+        plan.chosen.strategy.tp,
+        plan.chosen.strategy.pp,
+        plan.chosen.strategy.cp,
+        plan.chosen.strategy.dp,
+    )
+    assert grid.world_size == plan.allocation.trainer_gpus
 
 
 def test_host_dispatch_hidden_behind_gpu_work_and_paid_on_a_cpu() -> None:

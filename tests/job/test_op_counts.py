@@ -21,10 +21,10 @@ from step_infra.emulator.specs import (
 )
 from step_infra.models.config import get_preset
 from step_infra.models.dit import build_dit
-from step_infra.models.parallel import ParallelGroups
+from step_infra.models.parallel import ParallelGroups, clip_grad_norm
 from step_infra.topology import ProcessGrid
 from step_infra.train.job.config import tiny_t2v
-from step_infra.train.job.worker import _forward_backward, clip_gradients
+from step_infra.train.job.worker import _forward_backward
 
 
 class _CountOps(TorchDispatchMode):
@@ -63,7 +63,7 @@ def _ops_of_one_micro_batch(layers: int) -> int:
             },
             metadata={},
         )
-        for i in range(cfg.micro_batch)
+        for i in range(cfg.strategy.micro_batch)
     ]
     with _CountOps() as count:
         _forward_backward(model, cfg, samples)
@@ -93,7 +93,7 @@ def _ops_of_one_update(layers: int, groups: ParallelGroups) -> int:
     for p in model.parameters():
         p.grad.normal_()  # type: ignore[union-attr]
     with _CountOps() as count:
-        clip_gradients(model, groups, max_norm=1.0)
+        clip_grad_norm(model, groups, max_norm=1.0)
         optimizer.step()
     return zero + count.ops
 

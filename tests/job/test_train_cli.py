@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from step_infra.elastic.checkpoint import latest_durable
 from step_infra.telemetry.events import read_events
-from step_infra.train.job.checkpoint import latest_durable
 from step_infra.train.job.report import job_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]

@@ -26,6 +26,7 @@ from rich.console import Console
 from step_infra.rpc.registry import Registry, RegistryConfig
 from step_infra.train.job.config import Faults, micro_t2v
 from step_infra.train.job.launcher import run_training_job
+from step_infra.train.job.progress import JobProgressPrinter
 from step_infra.train.job.report import job_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -37,7 +38,11 @@ def test_killed_trainer_recovers_and_matches_uninterrupted_run(
     console = Console(width=120)
     cfg = micro_t2v()
     faulted = run_training_job(
-        cfg, tmp_path / "faulted", console=console, fresh=True, predict=False
+        cfg,
+        tmp_path / "faulted",
+        on_event=JobProgressPrinter(console, tmp_path / "faulted"),
+        fresh=True,
+        predict=False,
     )
     assert faulted.ok, faulted.reason
     m = job_metrics(tmp_path / "faulted")
@@ -60,7 +65,7 @@ def test_killed_trainer_recovers_and_matches_uninterrupted_run(
         clean = run_training_job(
             cfg.replace(faults=Faults()),
             clean_dir,
-            console=console,
+            on_event=JobProgressPrinter(console, clean_dir),
             predict=False,
             sample=False,
             registry=registry.address,

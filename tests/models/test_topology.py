@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from step_infra.topology import ProcessGrid, load_strategy_toml
+from step_infra.emulator.plan import Plan
+from step_infra.topology import ProcessGrid
 
 
 def test_grid_matches_arange_view() -> None:
@@ -39,9 +40,16 @@ def test_strategy_toml(tmp_path: Path) -> None:
         'sequence_parallel = true\nrecompute = "none"\ndistributed_optimizer = false\n'
         "[allocation]\nvae_gpus = 1\ntext_gpus = 1\ntrainer_gpus = 4\n[prediction]\nstep_time_s = 1.0\n"
     )
-    s = load_strategy_toml(p)
-    assert s.preset == "tiny-dit" and s.grid.shape == (2, 1, 1, 2)
+    plan = Plan.load(p)
+    s = plan.strategy
+    assert plan.preset == "tiny-dit" and plan.grid().shape == (2, 1, 1, 2)
     assert s.cp_kind == "ring" and s.sequence_parallel and s.global_batch == 4
+    assert plan.allocation is not None and plan.allocation.trainer_gpus == 4
     p.write_text('[model]\npreset="x"\n[strategy]\ncp_kind = "star"\n')
     with pytest.raises(ValueError, match="star"):
-        load_strategy_toml(p)
+        Plan.load(p)
+    p.write_text('[model]\npreset="x"\n[strategy]\ntensor = 2\n')
+    with pytest.raises(ValueError, match="unknown key 'tensor' in \\[strategy\\]"):
+        Plan.load(p)
+    with pytest.raises(ValueError, match="pp=2"):
+        Plan.loads('[model]\npreset="x"\n[strategy]\npp = 2\n').refuse({"pp": 1}, by="t")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from step_infra.cli import app
-from step_infra.telemetry.simulate import write_simulated_run
+from step_infra.demo.simulate import write_simulated_run
 
 
 def test_dashboard_report_and_serve(tmp_path: Path) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from step_infra.demo.simulate import write_simulated_run, write_synthetic_store
 from step_infra.telemetry import EventLog
 from step_infra.telemetry.dashboard import DashboardServer, render_report, summarize_run
 from step_infra.telemetry.dashboard.aggregate import StoreAggregator
 from step_infra.telemetry.dashboard.data import decode_heatmap, summary_doc
 from step_infra.telemetry.events import read_events
 from step_infra.telemetry.recorder import Recorder, RecorderConfig
-from step_infra.telemetry.simulate import write_simulated_run, write_synthetic_store
 from step_infra.telemetry.store import ParquetStore, read_store
 
 CHROMIUM = "/usr/bin/chromium"

@@ -7,18 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from step_infra.telemetry import (
-    DetectOnly,
-    DetectorConfig,
-    EventLog,
-    Evict,
-    StragglerDetector,
-    make_policy,
-    read_events,
-)
+from step_infra.elastic import DetectOnly, Evict, make_policy
+from step_infra.elastic.policy import JobProgress, price
+from step_infra.telemetry import DetectorConfig, EventLog, StragglerDetector, read_events
 from step_infra.telemetry.detector import Detection
 from step_infra.telemetry.noise import ClusterNoise, Fault, simulate_steps
-from step_infra.telemetry.policy import JobProgress, price
 from step_infra.train.job.config import JOB_DETECTOR
 
 
@@ -237,7 +230,7 @@ def test_events_log_is_one_json_object_per_line(tmp_path: Path) -> None:
 def test_three_nodes_one_slow_is_found_with_the_elastic_default() -> None:
     """Three single-rank nodes (the toy elastic job): the others' median of a 3-member level
     would be pulled by the straggler, so it is compared with the plain median."""
-    from step_infra.telemetry.elastic import ElasticConfig
+    from step_infra.elastic.controller import ElasticConfig
 
     det = StragglerDetector(ElasticConfig(run_dir=Path("x")).detector)
     rng = np.random.default_rng(0)

@@ -17,7 +17,8 @@ from step_infra.models.text import TextEncoders
 from step_infra.models.vae import VideoVAE, psnr
 from step_infra.train.flow import euler_sample
 from step_infra.train.job.config import JobConfig
-from step_infra.train.loop import OptimConfig, TextCache, infinite, train
+from step_infra.train.loop import OptimConfig, TextCache
+from step_infra.train.vae_pretrain import pretrain_vae
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,9 @@ def prepare_vae(cfg: JobConfig, path: Path) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     vae = VideoVAE(cfg.vae)
     data = SyntheticClips(cfg.data)
-    batches = infinite(len(data), 16, cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    optim = OptimConfig(steps=cfg.vae_steps, lr=1e-3, warmup_steps=10)
-
-    def loss_fn(step: int) -> torch.Tensor:
-        video = data.batch(next(batches))["video"]
-        assert isinstance(video, torch.Tensor)
-        if step < optim.steps // 4:
-            video = video[:, :, :1]
-        return vae(video, generator=g)[1]
-
-    train(vae, loss_fn, optim)
+    pretrain_vae(
+        vae, data, OptimConfig(steps=cfg.vae_steps, lr=1e-3, warmup_steps=10), seed=cfg.seed
+    )
     video = data.batch(list(range(min(64, len(data)))))["video"]
     assert isinstance(video, torch.Tensor)
     with torch.no_grad():

@@ -1,23 +1,34 @@
 """What one streaming training job is: model, data, batch, layout, encoder split, faults.
 
-A :class:`JobConfig` is written to ``<run_dir>/job.json`` by the launcher and read back by
-every process it starts (encoder servers, trainer ranks), so all of them agree on shapes,
-seeds and sample ids without a long command line. Recipes are named functions returning one.
+A :class:`JobConfig` is one tree of small configs: the data and VAE, the layout and batch
+(the emulator's :class:`Strategy`, the same type a plan carries), the encoder servers
+(:class:`EncoderServers`) and the elastic controller (:class:`ElasticConfig`). The launcher
+writes it to ``<run_dir>/config.toml`` and every process it starts reads its part back from
+there (encoder servers their tables, trainer ranks the whole tree), so all of them agree on
+shapes, seeds and sample ids without a long command line. Recipes are named functions
+returning one; a plan from ``step-infra plan`` is applied with :func:`apply_plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from step_infra import config_io
+from step_infra.data.servers import EncoderServers
 from step_infra.data.synthetic import SyntheticConfig
+from step_infra.elastic.controller import ElasticConfig
+from step_infra.emulator.plan import Plan
+from step_infra.emulator.strategy import Strategy
 from step_infra.models.vae import VAEConfig
 from step_infra.telemetry.detector import DetectorConfig
+from step_infra.topology import ProcessGrid
+
+CONFIG_FILE = "config.toml"
 
 # Two nodes x two ranks on a shared 2-core host. Ranks are compared with each other (four:
 # a weak majority, so they must be >= 15 % slower), and the two nodes by the log ratio of
@@ -27,7 +38,7 @@ from step_infra.telemetry.detector import DetectorConfig
 # benchmark's --harsh noise blamed a healthy rank in 1 of 30 runs; 4 of 6 in none).
 # With more ranks (8 x 2) a rank or node must be >= 10 % slower.
 # The spread is capped at 0.05 so that a node 22 % slower is enough on a very noisy host. An
-# eviction must still pay for itself (telemetry/policy.py): the saving over the steps left
+# eviction must still pay for itself (elastic/policy.py): the saving over the steps left
 # against the restart this launch measured.
 JOB_DETECTOR = DetectorConfig(
     warmup_steps=5,
@@ -38,6 +49,42 @@ JOB_DETECTOR = DetectorConfig(
     pair_max_sigma=0.05,
     mad_floor=0.02,
 )
+
+# What the streaming trainer runs of a strategy today: tensor x data parallel, no pipeline,
+# context or sequence parallelism, replicated AdamW, gradients reduced after the backward.
+# A plan asking for more is refused by name (issue 19 brings the rest). ``bf16`` is accepted
+# as the precision of a plan; on the CPU the trainer computes in fp32.
+TRAINER_RUNS: dict[str, Any] = {
+    "pp": 1,
+    "vpp": 1,
+    "cp": 1,
+    "sequence_parallel": False,
+    "recompute": "none",
+    "distributed_optimizer": False,
+    "overlap_grad_reduce": False,
+    "overlap_param_gather": False,
+    "overlap_tp_comm": False,
+    "precision": "bf16",
+}
+
+
+def job_strategy(**settings: Any) -> Strategy:
+    """A strategy the streaming trainer runs (tp x dp, replicated optimizer)."""
+    base: dict[str, Any] = {k: v for k, v in TRAINER_RUNS.items() if k != "precision"}
+    return Strategy(**{**base, **settings})
+
+
+def job_elastic(**settings: Any) -> ElasticConfig:
+    """The controller settings of a streaming job: 2 nodes x 2 ranks + a spare, the job's
+    detector; ``run_dir``, ``worker_args`` and the environment are filled at launch."""
+    defaults: dict[str, Any] = {
+        "run_dir": Path("."),
+        "nodes": 2,
+        "nproc_per_node": 2,
+        "spares": 1,
+        "detector": JOB_DETECTOR,
+    }
+    return ElasticConfig(**{**defaults, **settings})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,11 +111,12 @@ class Faults:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobConfig:
-    """One job. ``dp`` is derived: ``nodes * nproc_per_node / tp`` data-parallel replicas.
+    """One job. The grid is ``strategy.grid(world_size)``: ``elastic.nodes x
+    elastic.nproc_per_node`` ranks, ``tp`` per replica, the rest data-parallel replicas.
 
-    Encoder servers stand for encoder GPUs: each is paced to ``*_rate`` samples/s (its real
-    encode work runs inside that budget), so the encoder/trainer split behaves as on a cluster
-    whatever else shares this machine's cores.
+    Encoder servers stand for encoder GPUs: each is paced to its ``servers.*_rate`` samples/s
+    (its real encode work runs inside that budget), so the encoder/trainer split behaves as
+    on a cluster whatever else shares this machine's cores.
     """
 
     name: str
@@ -78,29 +126,21 @@ class JobConfig:
     )
     vae: VAEConfig = field(default_factory=VAEConfig)
     vae_steps: int = 150  # VAE pre-training (cached per run directory)
+    strategy: Strategy = field(
+        default_factory=lambda: job_strategy(tp=2, global_batch=16, micro_batch=4)
+    )
+    servers: EncoderServers = field(
+        default_factory=lambda: EncoderServers(text_servers=1, vae_servers=2, vae_rate=32.0)
+    )
+    elastic: ElasticConfig = field(default_factory=job_elastic)
     steps: int = 60
-    global_batch: int = 16
-    micro_batch: int = 4
     lr: float = 2e-3
     warmup_steps: int = 5
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     checkpoint_every: int = 5
-    tp: int = 2
-    nodes: int = 2
-    nproc_per_node: int = 2
-    spares: int = 1
-    text_servers: int = 1
-    vae_servers: int = 2
-    text_rate: float = 200.0  # samples/s per text-encoder server
-    vae_rate: float = 32.0  # samples/s per VAE server
     prefetch: int = 8  # items per producer link a trainer may hold before taking
-    lease_s: float = 5.0  # a trainer silent this long loses its unacknowledged items
     faults: Faults = field(default_factory=Faults)
-    # "evict": evict a straggler when it pays (telemetry/policy.py); "detect": a dry run that
-    # only logs "would have evicted at step N, saving X s" (events.jsonl, dashboard).
-    eviction: str = "evict"
-    metrics_port: int | None = None  # the controller's Prometheus endpoint (straggler scores)
     text_dim_short: int = 384  # the launcher writes what the text encoders produce
     text_dim_long: int = 128
     sample_prompts: int = 4
@@ -108,63 +148,68 @@ class JobConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        world = self.nodes * self.nproc_per_node
-        if self.tp < 1 or world % self.tp or self.nproc_per_node % self.tp:
+        s, e = self.strategy.check(), self.elastic
+        s.refuse(TRAINER_RUNS, by="the streaming trainer (tp x dp only for now)")
+        if e.nproc_per_node % s.tp:
             raise ValueError(
-                f"tp={self.tp} must divide nproc_per_node={self.nproc_per_node} (a replica's "
+                f"tp={s.tp} must divide nproc_per_node={e.nproc_per_node} (a replica's "
                 "tensor-parallel ranks stay on one node)"
             )
-        if self.eviction not in ("evict", "detect"):
-            raise ValueError(f"eviction must be 'evict' or 'detect', got {self.eviction!r}")
-        per_step = self.micro_batch
-        if self.global_batch < per_step or self.global_batch % per_step:
+        self.grid  # noqa: B018  (validates dp against the world size)
+        if s.global_batch % s.micro_batch:
             raise ValueError(
-                f"global_batch={self.global_batch} must be a multiple of micro_batch={self.micro_batch}"
+                f"global_batch={s.global_batch} must be a multiple of micro_batch={s.micro_batch}"
             )
-        if min(self.steps, self.checkpoint_every, self.text_servers, self.vae_servers) < 1:
+        if min(self.steps, self.checkpoint_every) < 1:
             raise ValueError(
-                "steps, checkpoint_every, text_servers and vae_servers must all be >= 1; got "
-                f"{self.steps}, {self.checkpoint_every}, {self.text_servers}, {self.vae_servers}"
+                f"steps and checkpoint_every must be >= 1; got {self.steps}, {self.checkpoint_every}"
             )
-        if min(self.text_rate, self.vae_rate) <= 0:
-            raise ValueError(f"encoder rates must be > 0, got {self.text_rate}, {self.vae_rate}")
         self.faults.kill_target()  # validates
 
     @property
     def world_size(self) -> int:
-        return self.nodes * self.nproc_per_node
+        return self.elastic.nodes * self.elastic.nproc_per_node
 
     @property
-    def dp(self) -> int:
-        return self.world_size // self.tp
+    def grid(self) -> ProcessGrid:
+        return self.strategy.grid(self.world_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.strategy.global_batch
 
     def replace(self, **changes: Any) -> JobConfig:
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> JobConfig:
-        doc = json.loads(text)
-        doc["data"] = SyntheticConfig(
-            **{**doc["data"], "radius_range": tuple(doc["data"]["radius_range"]),
-               "directions": tuple(doc["data"]["directions"])}
-        )  # fmt: skip
-        doc["vae"] = VAEConfig(
-            **{**doc["vae"], "factors": tuple(map(tuple, doc["vae"]["factors"]))}
-        )
-        doc["faults"] = Faults(**doc["faults"])
-        return cls(**doc)
-
     def save(self, run_dir: Path) -> Path:
-        path = Path(run_dir) / "job.json"
-        path.write_text(self.to_json())
-        return path
+        """Write ``<run_dir>/config.toml`` (what every process of the job reads)."""
+        return config_io.save(
+            self, Path(run_dir) / CONFIG_FILE, header=f"step-infra job {self.name}"
+        )
 
     @classmethod
     def load(cls, run_dir: Path) -> JobConfig:
-        return cls.from_json((Path(run_dir) / "job.json").read_text())
+        return config_io.load(Path(run_dir) / CONFIG_FILE, cls)
+
+
+def apply_plan(cfg: JobConfig, plan: Plan) -> JobConfig:
+    """The job with the plan's layout and batch and, when it has one, its encoder split.
+    A plan for another model, or with settings the trainer cannot run, is refused."""
+    if plan.preset != cfg.dit_preset:
+        raise ValueError(
+            f"the plan is for {plan.preset!r} but recipe {cfg.name!r} trains "
+            f"{cfg.dit_preset!r}; plan with `step-infra plan --model {cfg.dit_preset}`"
+        )
+    out = cfg.replace(strategy=plan.strategy)  # validates: refused keys, dp vs world size
+    if plan.allocation is not None:
+        out = out.replace(
+            servers=dataclasses.replace(
+                out.servers,
+                vae_servers=plan.allocation.vae_gpus,
+                text_servers=plan.allocation.text_gpus,
+            )
+        )
+    return out
 
 
 def encoder_split(
@@ -198,10 +243,9 @@ def micro_t2v() -> JobConfig:
         data=SyntheticConfig(num_clips=256, frames=5, height=8, width=8),
         vae_steps=20,
         steps=24,
-        global_batch=8,
-        micro_batch=4,
+        strategy=job_strategy(tp=2, global_batch=8, micro_batch=4),
+        servers=EncoderServers(text_servers=1, vae_servers=2, vae_rate=40.0),
         checkpoint_every=4,
-        vae_rate=40.0,
         faults=Faults(kill="node0:14"),
         sample_prompts=2,
         sample_steps=4,

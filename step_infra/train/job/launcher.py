@@ -1,49 +1,79 @@
 """``step-infra train``: the whole job as real processes, from encoders to elastic trainers.
 
-Order of events: apply the plan (layout, batch, encoder split) -> pre-train the VAE (cached)
--> start the StepRPC registry, then the text-encoder and VAE servers, and wait until every
-producer is registered -> run the trainers under the elastic controller (TorchElastic agents,
-hot spares, straggler eviction, restarts from the last durable checkpoint) while a fault
-injector sends ``kill -9`` where the config asks -> stop the servers and the registry ->
-sample clips from the final weights -> write ``report.html``.
+A :class:`TrainingJob` runs named phases, in order:
 
-Every child is started here, in its own process group, and stopped here (SIGTERM, then
-SIGKILL after a grace period) whatever happens, Ctrl-C included, so no process outlives the
-job. A job started again on the same run directory resumes from its last durable checkpoint,
-with the encoders restarted at the first sample that checkpoint does not cover.
+1. ``assets``: the text encoders' widths, and the VAE (pre-trained once, cached);
+2. ``predict``: the emulator's prediction of the step (and, with ``auto_split``, the encoder
+   servers sized to feed it);
+3. ``services``: the StepRPC registry, then the text-encoder and VAE servers, until every
+   producer is registered;
+4. ``train``: the trainers under the elastic controller (TorchElastic agents, hot spares,
+   straggler eviction, restarts from the last durable checkpoint), while a fault injector
+   sends ``kill -9`` where the config asks;
+5. ``sample`` clips from the final weights, and ``report`` (``report.html``).
+
+The library does not print: each phase reports :class:`JobEvent` objects to ``on_event``
+(the CLI and the demo render them, :mod:`step_infra.train.job.progress`), and the controller's
+own events go to ``events.jsonl``. Every child is started through one
+:class:`~step_infra.elastic.processes.Supervisor` and stopped by it (SIGTERM, then SIGKILL
+after a grace period) whatever happens, Ctrl-C included, so no process outlives the job. A job
+started again on the same run directory resumes from its last durable checkpoint, with the
+encoders restarted at the first sample that checkpoint does not cover.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from rich.console import Console
-
-from step_infra.console import make_console
-from step_infra.data.servers import LATENT_PIPE, TEXT_PIPE, TOKEN_ENV, ServerConfig
-from step_infra.telemetry.elastic import ElasticConfig, ElasticController, ElasticResult
-from step_infra.telemetry.events import EventLog, read_events
-from step_infra.telemetry.worker_support import read_heartbeats
-from step_infra.train.job.checkpoint import durable_step, latest_durable
-from step_infra.train.job.config import JOB_DETECTOR, JobConfig
+from step_infra.config_io import to_builtins
+from step_infra.data.servers import LATENT_PIPE, TEXT_PIPE, TOKEN_ENV
+from step_infra.data.synthetic import eval_captions
+from step_infra.elastic.checkpoint import durable_step, latest_durable
+from step_infra.elastic.controller import ElasticController, ElasticResult
+from step_infra.elastic.processes import Supervisor
+from step_infra.elastic.worker_env import read_heartbeats
+from step_infra.telemetry.events import EventLog
+from step_infra.train.job.config import CONFIG_FILE, JobConfig, encoder_split
 from step_infra.train.job.worker import REGISTRY_ENV
 
 log = logging.getLogger(__name__)
 
 WORKER = ("-m", "step_infra.train.job.worker")
+PHASES = ("assets", "predict", "services", "train", "sample", "report")
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """Something a phase did, for whoever shows the job's progress."""
+
+    phase: str
+    kind: str  # "start", "done", "info", "warning", "error"
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+EventSink = Callable[[JobEvent], None]
+
+
+def log_event(event: JobEvent) -> None:
+    """The default sink: the ``logging`` module."""
+    level = logging.WARNING if event.kind in ("warning", "error") else logging.INFO
+    log.log(level, "[%s] %s", event.phase, event.message)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -60,64 +90,10 @@ class TrainResult:
     wall_s: float = 0.0
 
 
-@dataclass(slots=True)
-class _Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: IO[bytes]
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class _Children:
-    """Processes the launcher owns; stopped in reverse order of start."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir = log_dir
-        self.env = env
-        self.children: list[_Child] = []
-
-    def start(self, name: str, args: list[str]) -> _Child:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        out = (self.log_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        child = _Child(name, proc, out)
-        self.children.append(child)
-        return child
-
-    def check(self) -> None:
-        for c in self.children:
-            code = c.proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"{c.name} exited with {code}; see {self.log_dir / (c.name + '.log')}"
-                )
-
-    def stop_all(self, grace_s: float = 10.0) -> None:
-        for c in reversed(self.children):
-            if c.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(c.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for c in reversed(self.children):
-            try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(c.proc.pid, signal.SIGKILL)
-                c.proc.wait(timeout=5)
-            c.log.close()
-        self.children.clear()
 
 
 class _KillInjector(threading.Thread):
@@ -126,7 +102,6 @@ class _KillInjector(threading.Thread):
     def __init__(self, run_dir: Path, node: str, at_step: int, events: EventLog) -> None:
         super().__init__(daemon=True, name="kill-injector")
         self.run_dir, self.node, self.at_step, self.events = run_dir, node, at_step, events
-        self.done = threading.Event()
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -149,86 +124,252 @@ class _KillInjector(threading.Thread):
                             pid=pid,
                             step=int(hb["step"]),
                         )
-                    self.done.set()
                     return
 
 
-class _EventPrinter(threading.Thread):
-    """Prints the controller's and launcher's events while the job runs."""
+class TrainingJob:
+    """One run of a :class:`JobConfig` in ``run_dir``; :meth:`run` runs every phase."""
 
-    SHOWN = (
-        "detection",
-        "eviction",
-        "spare_activated",
-        "restart",
-        "join",
-        "recovered",
-        "fault_injected",
-        "hang",
-    )
-
-    def __init__(self, run_dir: Path, console: Console) -> None:
-        super().__init__(daemon=True, name="event-printer")
-        self.run_dir, self.console = run_dir, console
-        self.stop = threading.Event()
-        self._seen = len(read_events(run_dir))
-        self._last_step = -1
-
-    def run(self) -> None:
-        while not self.stop.wait(0.5):
-            self.flush()
-
-    def flush(self) -> None:
-        events = read_events(self.run_dir)
-        for ev in events[self._seen :]:
-            kind = ev["event"]
-            if kind == "checkpoint" and int(ev.get("step", -1)) > self._last_step:
-                self._last_step = int(ev["step"])
-                self.console.print(f"  checkpoint  step {ev['step']} durable")
-            elif kind in self.SHOWN:
-                keep = ("node", "step", "generation", "resume_step", "reason", "kind", "pid")
-                detail = ", ".join(f"{k}={ev[k]}" for k in keep if k in ev)
-                self.console.print(f"  [bold]{kind:<11}[/] {detail}")
-        self._seen = len(events)
-
-
-def apply_plan(cfg: JobConfig, plan: Path) -> JobConfig:
-    """Take layout, batch and encoder split from a ``step-infra plan`` strategy TOML."""
-    import tomllib
-
-    doc = tomllib.loads(Path(plan).read_text())
-    s = doc.get("strategy", {})
-    changes: dict[str, Any] = {}
-    if "tp" in s:
-        changes["tp"] = int(s["tp"])
-    for key in ("global_batch", "micro_batch"):
-        if key in s:
-            changes[key] = int(s[key])
-    alloc = doc.get("allocation", {})
-    if "vae_gpus" in alloc:
-        changes["vae_servers"] = int(alloc["vae_gpus"])
-    if "text_gpus" in alloc:
-        changes["text_servers"] = int(alloc["text_gpus"])
-    out = cfg.replace(**changes)
-    for bad in ("pp", "cp"):
-        if int(s.get(bad, 1)) != 1:
-            raise ValueError(
-                f"plan {plan}: {bad}={s[bad]}; the streaming trainer supports tp x dp only"
-            )
-    dp = int(s.get("dp", out.dp))
-    if dp * out.tp != out.world_size:
-        raise ValueError(
-            f"plan {plan}: tp={out.tp} x dp={dp} = {dp * out.tp} ranks, but the job has "
-            f"{out.nodes} nodes x {out.nproc_per_node} ranks = {out.world_size}"
+    def __init__(
+        self,
+        cfg: JobConfig,
+        run_dir: Path,
+        *,
+        on_event: EventSink = log_event,
+        job_timeout_s: float = 900.0,
+        auto_split: bool = False,
+        registry: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.on_event = on_event
+        self.job_timeout_s = job_timeout_s
+        self.auto_split = auto_split
+        self.external_registry = registry
+        # join a running registry (its token from STEP_TOKEN), or start one with a fresh token
+        self.token = os.environ.get(TOKEN_ENV, "") if registry else secrets.token_urlsafe(16)
+        self.registry = registry or f"127.0.0.1:{_free_port()}"
+        self.children = Supervisor(
+            self.run_dir / "logs", {TOKEN_ENV: self.token, "OMP_NUM_THREADS": "1"}
         )
-    return out
+        self.events = EventLog(self.run_dir, source="launcher")
+        self.result = TrainResult(ok=False, reason="not run", run_dir=self.run_dir)
+        self.start_id = 0
+
+    def notify(self, phase: str, kind: str, message: str, **fields: Any) -> None:
+        self.on_event(JobEvent(phase, kind, message, fields))
+
+    # ------------------------------------------------------------------ phases
+    def assets(self) -> None:
+        from step_infra.train.job.assets import prepare_vae, text_encoders
+
+        encoders = text_encoders(self.cfg)
+        short, long_ = encoders.dims
+        self.cfg = self.cfg.replace(text_dim_short=short, text_dim_long=long_)
+        del encoders
+        vae_path = self.run_dir / "assets" / "vae.pt"
+        cached = vae_path.exists()
+        self.notify("assets", "start", f"VAE: {'cached' if cached else 'pre-training'} ...")
+        self.result.vae = prepare_vae(self.cfg, vae_path)
+        if "psnr_db" in self.result.vae:
+            v = self.result.vae
+            self.notify(
+                "assets",
+                "done",
+                f"VAE trained {int(v['steps'])} steps, PSNR {v['psnr_db']} dB",
+                **v,
+            )
+
+    def predict(self) -> None:
+        """Emulator prediction of the step (saved for the report); with ``auto_split`` it
+        also sizes the encoder servers to feed the predicted consumption."""
+        from step_infra.train.job.prediction import predict_job
+
+        cfg = self.cfg
+        self.notify(
+            "predict",
+            "start",
+            "Step Emulator: measuring this machine and pricing the job's layout ...",
+        )
+        assets = self.run_dir / "assets"
+        try:
+            pred = predict_job(cfg, assets / "hw_profile.json", vae_path=assets / "vae.pt")
+        except Exception as exc:  # the prediction informs; it never stops a training job
+            self.notify("predict", "warning", f"no prediction: {exc}")
+            return
+        consumption = cfg.global_batch / pred["step_time_s"]
+        pred["consumption_per_s"] = consumption
+        if self.auto_split:
+            s = cfg.servers
+            vae, text = encoder_split(consumption, vae_rate=s.vae_rate, text_rate=s.text_rate)
+            cfg = cfg.replace(servers=dataclasses.replace(s, vae_servers=vae, text_servers=text))
+            self.cfg = cfg
+        s = cfg.servers
+        pred.update(vae_servers=s.vae_servers, text_servers=s.text_servers)
+        (self.run_dir / "prediction.json").write_text(json.dumps(pred, indent=2))
+        terms = pred.get("terms", {})
+        self.notify(
+            "predict",
+            "info",
+            f"training step {terms.get('training_step_s', 0):.3f} s + data sync "
+            f"{terms.get('data_sync_s', 0):.3f} s + encoders on this host's cores "
+            f"{terms.get('encoders_on_host_s', 0):.3f} s",
+        )
+        self.notify(
+            "predict",
+            "done",
+            f"predicted step {pred['step_time_s']:.3f} s ({pred['layout']}): trainers consume "
+            f"{consumption:.1f} samples/s -> {s.vae_servers} VAE server(s) x {s.vae_rate:g}/s, "
+            f"{s.text_servers} text server(s) x {s.text_rate:g}/s",
+            **pred,
+        )
+
+    def services(self) -> None:
+        """The registry (unless joining one), the encoder servers, until all registered."""
+        cfg, s = self.cfg, self.cfg.servers
+        if self.external_registry is None:
+            self.children.start(
+                "registry",
+                [sys.executable, "-m", "step_infra.rpc.registry",
+                 "--port", self.registry.rsplit(":", 1)[1], "--lease-s", str(s.lease_s * 4),
+                 "--run-s", str(self.job_timeout_s + 600)],  # stops by itself if we are killed
+            )  # fmt: skip
+        server = [sys.executable, "-m", "step_infra.data.servers",
+                  "--config", str(self.run_dir / CONFIG_FILE), "--registry", self.registry,
+                  "--start-id", str(self.start_id), "--end-id", str(cfg.steps * cfg.global_batch),
+                  "--queue-items", str(cfg.global_batch)]  # fmt: skip
+        for i in range(s.text_servers):
+            self.children.start(f"text{i}", [*server, "--role", "text", "--index", str(i)])
+        for i in range(s.vae_servers):
+            self.children.start(f"vae{i}", [*server, "--role", "vae", "--index", str(i)])
+        self.events.emit(
+            "servers_start", **to_builtins(s), start_id=self.start_id, registry=self.registry
+        )
+        self.notify(
+            "services",
+            "info",
+            f"registry {self.registry}; {s.text_servers} text server(s) at {s.text_rate:g}/s, "
+            f"{s.vae_servers} VAE server(s) at {s.vae_rate:g}/s each",
+        )
+        self._wait_for_pipes()
+
+    def train(self) -> ElasticResult:
+        cfg, e = self.cfg, self.cfg.elastic
+        elastic_cfg = dataclasses.replace(
+            e,
+            run_dir=self.run_dir,
+            worker_args=WORKER,
+            slow=cfg.faults.slow,
+            steps_total=cfg.steps,
+            job_timeout_s=self.job_timeout_s,
+            extra_env={TOKEN_ENV: self.token, REGISTRY_ENV: self.registry, "OMP_NUM_THREADS": "1"},
+        )
+        grid = cfg.grid
+        self.notify(
+            "train",
+            "start",
+            f"trainers: {e.nodes} nodes x {e.nproc_per_node} ranks (tp={grid.tp}, dp={grid.dp}) "
+            f"+ {e.spares} hot spare(s); {cfg.steps} steps of {cfg.global_batch} samples",
+        )
+        injector = None
+        target = cfg.faults.kill_target()
+        if target is not None and self.start_id == 0:
+            injector = _KillInjector(self.run_dir, target[0], target[1], self.events)
+            injector.start()
+        try:
+            return ElasticController(elastic_cfg).run()
+        finally:
+            if injector is not None:
+                injector.stop.set()
+
+    def sample(self) -> None:
+        from step_infra.train.job.assets import sample_clips
+
+        captions = eval_captions(self.cfg.sample_prompts, "both")
+        self.result.samples = sample_clips(self.cfg, self.run_dir, captions)
+        self.notify(
+            "sample", "done", f"{len(self.result.samples)} clips in {self.run_dir / 'samples'}"
+        )
+
+    def report(self) -> None:
+        from step_infra.train.job.report import write_job_report
+
+        self.result.report = write_job_report(self.run_dir)
+
+    # --------------------------------------------------------------------- run
+    def run(
+        self, *, fresh: bool = False, sample: bool = True, report: bool = True, predict: bool = True
+    ) -> TrainResult:
+        """Every phase in order; blocks until the job ends. See the module doc."""
+        t0 = time.monotonic()
+        if fresh and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.assets()
+        if predict:
+            self.predict()
+        self.cfg.save(self.run_dir)
+        durable = latest_durable(self.run_dir / "checkpoints")
+        if durable is not None:
+            self.start_id = (durable_step(durable) + 1) * self.cfg.global_batch
+            self.notify(
+                "train", "info", f"resuming: checkpoint {durable.name}, sample {self.start_id}"
+            )
+        try:
+            self.services()
+            elastic = self.train()
+            self.result.elastic = elastic
+            self.result.ok, self.result.reason = elastic.ok, elastic.reason
+        except KeyboardInterrupt:
+            self.result.reason = "interrupted (Ctrl-C)"
+            self.events.emit("interrupted")
+        except (RuntimeError, TimeoutError) as exc:
+            self.result.reason = str(exc)
+            self.events.emit("job_failed", reason=str(exc))
+        finally:
+            self.children.stop_all()
+        last = latest_durable(self.run_dir / "checkpoints")
+        self.notify(
+            "train",
+            "done" if self.result.ok else "error",
+            f"{self.result.reason}; last durable checkpoint: {last.name if last else 'none'}",
+            ok=self.result.ok,
+        )
+        if self.result.ok and sample:
+            self.sample()
+        if report:
+            self.report()
+        self.result.wall_s = round(time.monotonic() - t0, 1)
+        return self.result
+
+    def _wait_for_pipes(self) -> None:
+        """Block until every encoder server registered its producer (or one died)."""
+        from step_infra.rpc.registry import RegistryClient
+
+        s = self.cfg.servers
+        client = RegistryClient(self.registry, self.token)
+        deadline = time.monotonic() + 180.0
+        try:
+            while time.monotonic() < deadline:
+                self.children.check()
+                try:
+                    text = len(client.producer_addresses(TEXT_PIPE))
+                    lat = len(client.producer_addresses(LATENT_PIPE))
+                except Exception:  # the registry is starting, or no pipe yet
+                    text = lat = 0
+                if text >= s.text_servers and lat >= s.vae_servers:
+                    return
+                time.sleep(0.2)
+            raise TimeoutError("encoder servers did not register within 180 s; see logs/")
+        finally:
+            client.close()
 
 
 def run_training_job(
     cfg: JobConfig,
     run_dir: Path,
     *,
-    console: Console | None = None,
+    on_event: EventSink = log_event,
     fresh: bool = False,
     job_timeout_s: float = 900.0,
     sample: bool = True,
@@ -237,205 +378,13 @@ def run_training_job(
     auto_split: bool = False,
     registry: str | None = None,
 ) -> TrainResult:
-    """Run (or resume) the job in ``run_dir``; blocks until it ends. See the module doc."""
-    from step_infra.train.job.assets import prepare_vae, text_encoders
-
-    console = console or make_console()
-    t0 = time.monotonic()
-    run_dir = Path(run_dir)
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    encoders = text_encoders(cfg)
-    short, long_ = encoders.dims
-    cfg = cfg.replace(text_dim_short=short, text_dim_long=long_)
-    del encoders
-    console.print(
-        f"VAE: {'cached' if (run_dir / 'assets/vae.pt').exists() else 'pre-training'} ..."
+    """Run (or resume) the job in ``run_dir`` (:class:`TrainingJob`); blocks until it ends."""
+    job = TrainingJob(
+        cfg,
+        run_dir,
+        on_event=on_event,
+        job_timeout_s=job_timeout_s,
+        auto_split=auto_split,
+        registry=registry,
     )
-    vae = prepare_vae(cfg, run_dir / "assets" / "vae.pt")
-    if "psnr_db" in vae:
-        console.print(f"  VAE trained {int(vae['steps'])} steps, PSNR {vae['psnr_db']} dB")
-    if predict:
-        cfg = _predict(cfg, run_dir, console, auto_split=auto_split)
-    cfg.save(run_dir)
-    durable = latest_durable(run_dir / "checkpoints")
-    start_id = 0 if durable is None else (durable_step(durable) + 1) * cfg.global_batch
-    if start_id:
-        console.print(f"resuming: checkpoint {durable.name if durable else ''}, sample {start_id}")
-    # join a running registry (its token from STEP_TOKEN), or start one with a fresh token
-    token = os.environ.get(TOKEN_ENV, "") if registry else secrets.token_urlsafe(16)
-    registry_addr = registry or f"127.0.0.1:{_free_port()}"
-    children = _Children(run_dir / "logs", {TOKEN_ENV: token})
-    events = EventLog(run_dir, source="launcher")
-    result = TrainResult(ok=False, reason="not run", run_dir=run_dir, vae=vae)
-    printer = _EventPrinter(run_dir, console)
-    injector: _KillInjector | None = None
-    try:
-        if registry is None:
-            children.start(
-                "registry",
-                ["-c", "from step_infra.cli import app; app()", "registry",
-                 "--port", registry_addr.rsplit(":", 1)[1], "--lease-s", str(cfg.lease_s * 4),
-                 "--run-s", str(job_timeout_s + 600)],  # stops by itself if we are killed
-            )  # fmt: skip
-        server_cfg = ServerConfig(
-            run_dir=str(run_dir),
-            registry=registry_addr,
-            data=cfg.data,
-            vae=cfg.vae,
-            vae_checkpoint=str(run_dir / "assets" / "vae.pt"),
-            start_id=start_id,
-            end_id=cfg.steps * cfg.global_batch,
-            text_servers=cfg.text_servers,
-            vae_servers=cfg.vae_servers,
-            text_rate=cfg.text_rate,
-            vae_rate=cfg.vae_rate,
-            lease_s=cfg.lease_s,
-            vae_queue_items=cfg.global_batch,
-            seed=cfg.seed,
-        )
-        server_cfg.save(run_dir / "servers.json")
-        module = ["-m", "step_infra.data.servers", "--config", str(run_dir / "servers.json")]
-        for i in range(cfg.text_servers):
-            children.start(f"text{i}", [*module, "--role", "text", "--index", str(i)])
-        for i in range(cfg.vae_servers):
-            children.start(f"vae{i}", [*module, "--role", "vae", "--index", str(i)])
-        events.emit(
-            "servers_start",
-            text_servers=cfg.text_servers,
-            vae_servers=cfg.vae_servers,
-            text_rate=cfg.text_rate,
-            vae_rate=cfg.vae_rate,
-            start_id=start_id,
-            registry=registry_addr,
-        )
-        console.print(
-            f"registry {registry_addr}; {cfg.text_servers} text server(s) at {cfg.text_rate:g}/s, "
-            f"{cfg.vae_servers} VAE server(s) at {cfg.vae_rate:g}/s each"
-        )
-        _wait_for_pipes(registry_addr, token, cfg, children)
-        elastic_cfg = ElasticConfig(
-            run_dir=run_dir,
-            detector=JOB_DETECTOR,
-            policy=cfg.eviction,
-            metrics_port=cfg.metrics_port,
-            worker_args=WORKER,
-            nodes=cfg.nodes,
-            spares=cfg.spares,
-            nproc_per_node=cfg.nproc_per_node,
-            slow=cfg.faults.slow,
-            steps_total=cfg.steps,
-            job_timeout_s=job_timeout_s,
-            extra_env={TOKEN_ENV: token, REGISTRY_ENV: registry_addr, "OMP_NUM_THREADS": "1"},
-        )
-        console.print(
-            f"trainers: {cfg.nodes} nodes x {cfg.nproc_per_node} ranks (tp={cfg.tp}, dp={cfg.dp}) "
-            f"+ {cfg.spares} hot spare(s); {cfg.steps} steps of {cfg.global_batch} samples"
-        )
-        target = cfg.faults.kill_target()
-        if target is not None and start_id == 0:
-            injector = _KillInjector(run_dir, target[0], target[1], events)
-            injector.start()
-        printer.start()
-        elastic = ElasticController(elastic_cfg).run()
-        result.elastic = elastic
-        result.ok, result.reason = elastic.ok, elastic.reason
-    except KeyboardInterrupt:
-        result.reason = "interrupted (Ctrl-C)"
-        events.emit("interrupted")
-    except (RuntimeError, TimeoutError) as exc:
-        result.reason = str(exc)
-        events.emit("job_failed", reason=str(exc))
-    finally:
-        if injector is not None:
-            injector.stop.set()
-        printer.stop.set()
-        children.stop_all()
-        printer.flush()
-    last = latest_durable(run_dir / "checkpoints")
-    console.print(
-        f"[{'green' if result.ok else 'red'}]{result.reason}[/]; last durable checkpoint: "
-        f"{last.name if last else 'none'}"
-    )
-    if result.ok and sample:
-        from step_infra.train.job.assets import sample_clips
-
-        result.samples = sample_clips(cfg, run_dir, _sample_captions(cfg.sample_prompts))
-    if report:
-        from step_infra.train.job.report import write_job_report
-
-        result.report = write_job_report(run_dir)
-    result.wall_s = round(time.monotonic() - t0, 1)
-    return result
-
-
-def _predict(cfg: JobConfig, run_dir: Path, console: Console, *, auto_split: bool) -> JobConfig:
-    """Emulator prediction of the step (saved for the report); with ``auto_split`` it also
-    sizes the encoder servers to feed the predicted consumption."""
-    import json
-
-    from step_infra.train.job.config import encoder_split
-    from step_infra.train.job.prediction import predict_job
-
-    console.print("Step Emulator: measuring this machine and pricing the job's layout ...")
-    try:
-        assets = run_dir / "assets"
-        pred = predict_job(cfg, assets / "hw_profile.json", vae_path=assets / "vae.pt")
-    except Exception as exc:  # the prediction informs; it never stops a training job
-        log.warning("no emulator prediction: %s", exc)
-        console.print(f"  [yellow]no prediction[/]: {exc}")
-        return cfg
-    consumption = cfg.global_batch / pred["step_time_s"]
-    pred["consumption_per_s"] = consumption
-    if auto_split:
-        vae, text = encoder_split(consumption, vae_rate=cfg.vae_rate, text_rate=cfg.text_rate)
-        cfg = cfg.replace(vae_servers=vae, text_servers=text)
-    pred.update(vae_servers=cfg.vae_servers, text_servers=cfg.text_servers)
-    (run_dir / "prediction.json").write_text(json.dumps(pred, indent=2))
-    terms = pred.get("terms", {})
-    console.print(
-        f"  training step {terms.get('training_step_s', 0):.3f} s + data sync "
-        f"{terms.get('data_sync_s', 0):.3f} s + encoders on this host's cores "
-        f"{terms.get('encoders_on_host_s', 0):.3f} s"
-    )
-    console.print(
-        f"  predicted step {pred['step_time_s']:.3f} s ({pred['layout']}): trainers consume "
-        f"{consumption:.1f} samples/s -> {cfg.vae_servers} VAE server(s) x {cfg.vae_rate:g}/s, "
-        f"{cfg.text_servers} text server(s) x {cfg.text_rate:g}/s"
-    )
-    return cfg
-
-
-def _sample_captions(n: int) -> list[str]:
-    from step_infra.data.synthetic import COLORS, DIRECTIONS, SHAPES, ClipSpec
-
-    combos = [(c, s, d) for d in DIRECTIONS for c in COLORS for s in SHAPES]
-    out = []
-    for i in range(n):
-        c, s, d = combos[(i * 7) % len(combos)]
-        spec = ClipSpec(color=c, shape=s, direction=d, start_xy=(0, 0), radius=1, travel=1)
-        out.append(spec.caption("en" if i % 2 == 0 else "zh"))
-    return out
-
-
-def _wait_for_pipes(address: str, token: str, cfg: JobConfig, children: _Children) -> None:
-    """Block until every encoder server registered its producer (or one died)."""
-    from step_infra.rpc.registry import RegistryClient
-
-    client = RegistryClient(address, token)
-    deadline = time.monotonic() + 180.0
-    try:
-        while time.monotonic() < deadline:
-            children.check()
-            try:
-                text = len(client.producer_addresses(TEXT_PIPE))
-                lat = len(client.producer_addresses(LATENT_PIPE))
-            except Exception:  # the registry is starting, or no pipe yet
-                text = lat = 0
-            if text >= cfg.text_servers and lat >= cfg.vae_servers:
-                return
-            time.sleep(0.2)
-        raise TimeoutError("encoder servers did not register within 180 s; see logs/")
-    finally:
-        client.close()
+    return job.run(fresh=fresh, sample=sample, report=report, predict=predict)

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from step_infra import config_io
 from step_infra.train.job.config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def encoder_cpu_in_server_process(
     server does (measured here: 2.8-3.0 vs 4.0-4.1 ms per sample for the tiny VAE)."""
     proc = subprocess.run(
         [sys.executable, "-m", "step_infra.train.job.prediction", "--encoder-cost", str(vae_path)],
-        input=cfg.to_json(),
+        input=config_io.dumps(cfg),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -165,7 +166,7 @@ def encoder_cpu_per_sample(cfg: JobConfig, vae_path: Path) -> dict[str, float]:
         crossing = pipe_crossing_cpu_s(item)
     finally:
         torch.set_num_threads(threads)
-    return {"vae_s": vae_s, "text_s": text_s, "pipes_s": crossing * (1 + cfg.tp)}
+    return {"vae_s": vae_s, "text_s": text_s, "pipes_s": crossing * (1 + cfg.strategy.tp)}
 
 
 def _current_profile(path: Path) -> bool:
@@ -206,11 +207,11 @@ def predict_job(cfg: JobConfig, profile: Path, *, vae_path: Path | None = None) 
     est = predict_step(
         spec,
         profile,
-        micro_batch=cfg.micro_batch,
+        micro_batch=cfg.strategy.micro_batch,
         global_batch=cfg.global_batch,
-        tp=cfg.tp,
-        dp=cfg.dp,
-        nodes=cfg.nodes,
+        tp=cfg.strategy.tp,
+        dp=cfg.grid.dp,
+        nodes=cfg.elastic.nodes,
         seq_len=latent_tokens(cfg),
         text_tokens=16,
         overlap_grad_reduce=False,  # the trainer reduces once, after the backward
@@ -232,13 +233,13 @@ def predict_job(cfg: JobConfig, profile: Path, *, vae_path: Path | None = None) 
         "encoder_cpu": encoders,
         "model": cfg.dit_preset,
         "tokens_per_sample": latent_tokens(cfg),
-        "layout": f"tp{cfg.tp} dp{cfg.dp} mb{cfg.micro_batch} gb{cfg.global_batch}",
+        "layout": f"tp{cfg.strategy.tp} dp{cfg.grid.dp} mb{cfg.strategy.micro_batch} gb{cfg.global_batch}",
         "breakdown": {k: v for k, v in est.breakdown.items() if isinstance(v, int | float)},
     }
 
 
 def _main(argv: list[str] | None = None) -> None:
-    """``python -m step_infra.train.job.prediction --encoder-cost VAE.pt < job.json``: prints
+    """``python -m step_infra.train.job.prediction --encoder-cost VAE.pt < config.toml``: prints
     :func:`encoder_cpu_per_sample` as one JSON line (the launcher's fresh-process probe)."""
     import argparse
 
@@ -248,7 +249,7 @@ def _main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # first, before any torch work: as the servers start
-    cfg = JobConfig.from_json(sys.stdin.read())
+    cfg = config_io.loads(sys.stdin.read(), JobConfig, source="stdin")
     print(json.dumps(encoder_cpu_per_sample(cfg, args.encoder_cost)))
 
 

@@ -133,7 +133,7 @@ def servers(run_dir: Path) -> list[dict[str, Any]]:
 def job_metrics(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     cfg = JobConfig.load(run_dir)
-    out: dict[str, Any] = {"job": cfg.name, "layout": f"tp{cfg.tp} x dp{cfg.dp}"}
+    out: dict[str, Any] = {"job": cfg.name, "layout": f"tp{cfg.strategy.tp} x dp{cfg.grid.dp}"}
     out.update(step_metrics(run_dir, cfg))
     out["audit"] = audit_ledger(run_dir, cfg)
     pred_path = run_dir / "prediction.json"

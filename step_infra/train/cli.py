@@ -52,8 +52,12 @@ def train(
     timeout_s: float = typer.Option(900.0, help="Give up on the job after this long."),
 ) -> None:
     """Start the registry, encoder servers and elastic DiT trainers; write report.html."""
-    from step_infra.train.job.config import Faults, get_recipe
-    from step_infra.train.job.launcher import apply_plan, run_training_job
+    import dataclasses
+
+    from step_infra.emulator.plan import Plan
+    from step_infra.train.job.config import Faults, apply_plan, get_recipe
+    from step_infra.train.job.launcher import run_training_job
+    from step_infra.train.job.progress import JobProgressPrinter
 
     console = make_console()
     try:
@@ -62,15 +66,12 @@ def train(
             cfg = cfg.replace(steps=steps)
         if not faults:
             cfg = cfg.replace(faults=Faults())
-        cfg = cfg.replace(eviction=eviction, metrics_port=metrics_port)
-        has_allocation = False
-        if plan is not None:
-            if not plan.exists():
-                raise ValueError(
-                    f"plan file {plan} does not exist (write one with step-infra plan)"
-                )
-            cfg = apply_plan(cfg, plan)
-            has_allocation = "[allocation]" in plan.read_text()
+        cfg = cfg.replace(
+            elastic=dataclasses.replace(cfg.elastic, policy=eviction, metrics_port=metrics_port)
+        )
+        loaded = Plan.load(plan) if plan is not None else None
+        if loaded is not None:
+            cfg = apply_plan(cfg, loaded)
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -78,10 +79,10 @@ def train(
     result = run_training_job(
         cfg,
         out,
-        console=console,
+        on_event=JobProgressPrinter(console, out),
         fresh=fresh,
         job_timeout_s=timeout_s,
-        auto_split=auto_split and not has_allocation,
+        auto_split=auto_split and (loaded is None or loaded.allocation is None),
         registry=registry,
     )
     if result.report is not None:

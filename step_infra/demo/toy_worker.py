@@ -2,16 +2,16 @@
 
 Started by ``torchrun`` (one process per agent) through :func:`run_elastic_job`. It trains a
 two-layer MLP on a synthetic regression task with gloo, records a compute-only section and
-the arrival at the gradient all-reduce, checkpoints on rank 0, and resumes from the latest
-checkpoint after a restart. The *global* batch is fixed: each rank runs
+the arrival at the gradient all-reduce, checkpoints through its session (the same
+distributed checkpoint as the DiT job), and resumes from the latest one after a restart. The *global* batch is fixed: each rank runs
 ``global_batch / (micro_batch * world_size)`` micro-batches of gradient accumulation, and
 sample ``i`` of step ``s`` is the same tensor whatever the world size, so the loss curve
 after a resize continues the one before it.
 
-    python -m step_infra.telemetry.toy_worker --steps 60 --compute-s 0.1
+    python -m step_infra.demo.toy_worker --steps 60 --compute-s 0.1
 
 (only meaningful under ``torchrun`` with the variables of
-:mod:`~step_infra.telemetry.worker_support`).
+:mod:`~step_infra.elastic.worker_env`; the controller's tests start it).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from step_infra.telemetry.session import ElasticSession
+from step_infra.elastic.checkpoint import state_dict
+from step_infra.elastic.session import ElasticSession
 
 DIM = 16
+TOY_WORKER = ("-m", "step_infra.demo.toy_worker")  # ElasticConfig.worker_args for this job
 
 
 def _samples(step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +105,8 @@ def main() -> None:
     session = ElasticSession.begin(global_batch=args.global_batch, micro_batch=args.micro_batch)
     rank, world, env = session.rank, session.world_size, session.env
     model, opt = make_model()
-    state = session.load()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+    state = state_dict(model, opt, -1, tp_rank=0, tp_size=1)
+    session.load(state)
     with session.recorder() as rec:
         for step in range(session.start_step, args.steps):
             rec.begin_step(step)
@@ -140,9 +140,7 @@ def main() -> None:
                 if rank == 0 and args.save_delay_s:  # a slow file system (injected)
                     session.heartbeat.beat(step=step, phase="save")
                     time.sleep(args.save_delay_s)
-                session.checkpoint(
-                    step, {"model": model.state_dict(), "opt": opt.state_dict()}, loss=loss
-                )
+                session.checkpoint(step, state, wait=True)
     session.done(args.steps - 1)
     dist.destroy_process_group()
 

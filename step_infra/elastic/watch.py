@@ -1,8 +1,8 @@
 """``StragglerWatch``: the controller's straggler loop, from store rows to eviction decisions.
 
-Each poll: new store rows -> :class:`~step_infra.telemetry.feed.StepFeed` (one value per rank
+Each poll: new store rows -> :class:`~step_infra.elastic.feed.StepFeed` (one value per rank
 per complete step) -> :class:`~step_infra.telemetry.detector.StragglerDetector` -> the
-:class:`~step_infra.telemetry.policy.EvictionPolicy`, priced with what the job shows (median
+:class:`~step_infra.elastic.policy.EvictionPolicy`, priced with what the job shows (median
 step time, the measured restart cost, the steps since the last durable checkpoint, the steps
 left). A detection the policy does not act on yet (not worth it, no spare) stays *pending*
 and is priced again as the job goes on, until it is evicted or the straggler recovers; each
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from step_infra.elastic.feed import StepFeed
+from step_infra.elastic.policy import EvictionDecision, EvictionPolicy, JobProgress
 from step_infra.telemetry.detector import Detection, DetectorConfig, StragglerDetector
 from step_infra.telemetry.events import EventLog
-from step_infra.telemetry.feed import StepFeed
-from step_infra.telemetry.policy import EvictionDecision, EvictionPolicy, JobProgress
 
 if TYPE_CHECKING:
     from step_infra.telemetry.otel import StragglerScores

@@ -1,4 +1,4 @@
-"""Local prediction check: the stand-in trains, the same step is priced, layouts run on gloo."""
+"""Local prediction check: the real tiny DiT trains, the same step is priced, layouts run on gloo."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from step_infra.emulator.hwprobe import build_profile
-from step_infra.emulator.localcheck import (
+from step_infra.train.emulator_check import (
     CheckConfig,
+    latent_grid,
     measure_layout,
     predict_layout,
     run_local_check,
@@ -19,7 +20,7 @@ from step_infra.emulator.localcheck import (
 SMALL = CheckConfig(batch=2, seq_len=32, steps=2, warmup=1, timeout_s=90)
 
 
-def _profile(tmp_path: Path, ranks: int) -> Path:
+def _profile(tmp_path: Path, ranks: int, *, overlap: float = 0.0) -> Path:
     meas = {
         "when": "2026-01-01T00:00:00Z",
         "host": "test",
@@ -31,7 +32,7 @@ def _profile(tmp_path: Path, ranks: int) -> Path:
         "memory_gb_s": 20.0,
         "memory_gb": 16.0,
         "loopback": {"gb_s": 3.0, "latency_us": 10.0},
-        "gloo": {"busbw_gb_s": 1.0, "latency_us": 40.0},
+        "gloo": {"busbw_gb_s": 1.0, "latency_us": 40.0, "overlap": overlap},
     }
     path = tmp_path / f"hw{ranks}.json"
     path.write_text(json.dumps(build_profile(meas, name="unit-cpu", ranks_per_node=ranks)))
@@ -41,6 +42,15 @@ def _profile(tmp_path: Path, ranks: int) -> Path:
 def test_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="batch, seq_len, steps, threads must be >= 1"):
         CheckConfig(batch=0)
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        latent_grid(0)
+
+
+@pytest.mark.parametrize("seq_len", [1, 13, 32, 48, 256, 1000])
+def test_latent_grid_holds_every_token(seq_len: int) -> None:
+    f, h, w = latent_grid(seq_len)
+    assert f * h * w == seq_len
+    assert latent_grid(256) == (4, 8, 8)
 
 
 def test_single_rank_step_is_measured_and_priced(tmp_path: Path) -> None:
@@ -64,6 +74,14 @@ def test_tp2_prediction_has_tp_communication(tmp_path: Path) -> None:
         "t_tp_comm_hidden_s", 0.0
     )
     assert tp_comm > 0
+
+
+def test_dp2_prediction_reduces_gradients_after_the_backward(tmp_path: Path) -> None:
+    # finalize_grads all-reduces once the backward is done: nothing of it is hidden, even on
+    # a machine whose collectives could hide under compute
+    pred = predict_layout(_profile(tmp_path, 2, overlap=0.9), 1, 2, SMALL)
+    assert pred["breakdown"]["t_dp_comm_exposed_s"] > 0
+    assert pred["breakdown"]["t_dp_comm_hidden_s"] == 0
 
 
 def test_missing_profile_is_named(tmp_path: Path) -> None:
@@ -107,22 +125,3 @@ def test_contended_layout_is_timed_again_and_every_attempt_kept(tmp_path: Path) 
     assert 0.0 <= rows[0]["other_load"] <= 1.0
     with pytest.raises(ValueError, match="attempts must be >= 1"):
         run_local_check({1: _profile(tmp_path, 1)}, SMALL, attempts=0)
-
-
-def test_predict_step_is_estimate_on_the_profile(tmp_path: Path) -> None:
-    """predict_step wires a profile and a layout into estimate: same numbers as by hand."""
-    import dataclasses
-
-    from step_infra.emulator import ClusterSpec, Strategy, estimate, get_model, predict_step
-
-    path = _profile(tmp_path, 4)
-    got = predict_step(
-        "micro-dit", path, tp=2, dp=2, nodes=2, micro_batch=2, global_batch=8, seq_len=96
-    )
-    cluster = dataclasses.replace(ClusterSpec.from_profile(path, nodes=2), gpus_per_node=2)
-    model = dataclasses.replace(get_model("micro-dit"), seq_len=96)
-    strategy = Strategy(tp=2, dp=2, micro_batch=2, global_batch=8, distributed_optimizer=False)
-    assert got.step_time_s == pytest.approx(estimate(model, cluster, strategy).step_time_s)
-    assert got.breakdown["t_tp_comm_exposed_s"] > 0
-    with pytest.raises(ValueError, match=r"4 ranks .* do not spread evenly over nodes=3"):
-        predict_step("tiny-dit", path, tp=2, dp=2, nodes=3, micro_batch=1, global_batch=2)

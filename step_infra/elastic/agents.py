@@ -2,9 +2,10 @@
 
 The recipe verified on this machine (DESIGN.md): the controller hosts the c10d rendezvous
 store (:func:`rendezvous_store`), agents join it with ``is_host=false`` and
-``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``. Each agent runs in its own process group, so
-stopping it (SIGTERM, then SIGKILL after a grace period) also stops its workers, and nothing
-else on the machine is touched.
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``. Each agent is a :class:`~step_infra.elastic.processes.Child`
+in its own process group, so stopping it (SIGTERM, then SIGKILL after a grace period, the
+same as every child a launcher owns) also stops its workers, and nothing else on the
+machine is touched.
 
 A *hung* node needs more: torchrun starts every worker in a session of its own, and a worker
 that is stopped (SIGSTOP) keeps the SIGTERM the agent relays pending until it is continued. So
@@ -24,9 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from step_infra.telemetry.worker_support import LAUNCH_ENV
+from step_infra.elastic.processes import Child, signal_group, spawn, stop
+from step_infra.elastic.worker_env import LAUNCH_ENV
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,12 +77,15 @@ class Agent:
     """One running ``torchrun`` agent (a node, or a hot spare waiting for a place)."""
 
     name: str
-    proc: subprocess.Popen[bytes]
-    log_file: IO[bytes]
+    child: Child
     spare: bool
     evicted: bool = False
     go_file: Path = Path()
     active: bool = False  # a spare that was activated (non-spares are always active)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
 
 
 def rendezvous_store(host: str = "127.0.0.1") -> Any:
@@ -97,14 +102,10 @@ def start_agent(
 ) -> Agent:
     """Start the agent of node ``name``; its output goes to ``log_dir/<name>.log``.
 
-    A spare starts on standby (:mod:`step_infra.telemetry.standby`): torchrun loaded, outside
+    A spare starts on standby (:mod:`step_infra.elastic.standby`): torchrun loaded, outside
     the rendezvous until :func:`activate_spare`."""
-    full_env = dict(os.environ)
-    full_env.update(env)
-    full_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env = {**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = (log_dir / f"{name}.log").open("ab")
     command = launch.command()
     go = log_dir / f"{name}.go"
     go.unlink(missing_ok=True)
@@ -112,20 +113,14 @@ def start_agent(
         command = [
             command[0],
             "-m",
-            "step_infra.telemetry.standby",
+            "step_infra.elastic.standby",
             "--go",
             str(go),
             "--",
             *command[3:],
         ]
-    proc = subprocess.Popen(
-        command,
-        env=full_env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stopping it stops its workers
-    )
-    return Agent(name=name, proc=proc, log_file=log_file, spare=spare, go_file=go)
+    child = spawn(name, command, env=full_env, log_dir=log_dir)
+    return Agent(name=name, child=child, spare=spare, go_file=go)
 
 
 def activate_spare(agent: Agent) -> None:
@@ -136,16 +131,8 @@ def activate_spare(agent: Agent) -> None:
 
 def stop_agent(agent: Agent, *, grace_s: float = 5.0) -> None:
     """Stop ``agent`` and its workers: SIGTERM to its process group, SIGKILL if it lingers."""
-    if agent.proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(agent.proc.pid, signal.SIGTERM)
-        try:
-            agent.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(agent.proc.pid, signal.SIGKILL)
-            agent.proc.wait(timeout=grace_s)
-    agent.log_file.close()
+    if not agent.child.log_file.closed:
+        stop([agent.child], grace_s=grace_s)
 
 
 def is_launch_process(pid: int, launch: str) -> bool:
@@ -174,7 +161,6 @@ def kill_agent(agent: Agent, *, worker_pids: Iterable[int], launch: str) -> list
     """Stop a hung node now: SIGKILL its agent's process group (so it restarts nothing), then
     its workers by pid; returns the worker pids killed."""
     if agent.proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(agent.proc.pid, signal.SIGKILL)
+        signal_group(agent.child, signal.SIGKILL)
         agent.proc.wait(timeout=10)
     return kill_workers(worker_pids, launch=launch)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from step_infra.demo.toy_worker import TOY_WORKER, reference_losses
+from step_infra.elastic.controller import ElasticConfig, run_elastic_job
+from step_infra.elastic.worker_env import WorkerEnv
 from step_infra.telemetry import read_events, read_store
-from step_infra.telemetry.elastic import TOY_WORKER, ElasticConfig, run_elastic_job
-from step_infra.telemetry.toy_worker import reference_losses
-from step_infra.telemetry.worker_support import WorkerEnv
 
 
 def test_worker_env_rejects_a_bad_slow_spec(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,16 +1,20 @@
 """Check the emulator against a real training step on this machine (tiny DiT, CPU, gloo).
 
 A prediction is only trusted if it is checked where we can measure. This module times a
-training step (forward, backward, AdamW) of a plain-torch stand-in for the ``tiny-dit`` preset
-(same shapes: patchify, timestep MLP, adaLN-single, blocks of self-attention with q/k RMSNorm,
-cross-attention to text, GELU MLP, each modulated) for three layouts: one rank; DP=2 (DDP over
-gloo, gradient buckets overlapped with backward); TP=2 (Megatron column/row split of every
-block's matmuls with gloo all-reduces). It prices the same layouts with ``estimate`` on a
-hardware profile measured by :mod:`step_infra.emulator.hwprobe` and reports predicted/measured.
+training step (forward, MSE loss, backward, ``finalize_grads``, AdamW) of the project's own
+DiT, ``build_dit("tiny-dit")`` from :mod:`step_infra.models`, for three layouts: one rank;
+DP=2 (gradients averaged over gloo by ``finalize_grads`` in one coalesced all-reduce after the
+backward); TP=2 (megatron-core column/row-parallel linears over gloo). It prices the same
+layouts with ``predict_step`` on the emulator's ``tiny-dit`` ``ModelSpec`` and a hardware
+profile measured by :mod:`step_infra.emulator.hwprobe`, and reports predicted/measured.
 
-The stand-in is used, not ``step_infra.models``, because the emulator stands alone (DESIGN.md):
-it must not import the model packages. Distributed ranks are subprocesses of this module
-(``python -m step_infra.emulator.localcheck --worker``) that we start and, on timeout, kill by PID.
+It lives in ``train`` because it needs both sides: the emulator stands alone and must not
+import the model (DESIGN.md), and the model knows nothing of the emulator. The step is priced
+as it runs: gradients reduced once after the backward (``overlap_grad_reduce=False``), and
+AdamW's per-tensor update priced with the ``ModelSpec``'s default (a fused optimizer, 0 host
+ops: the ~830 ops of torch's per-tensor CPU AdamW on this model are not priced, about 1-2 %
+of a step here). Distributed ranks are subprocesses of this module (``python -m
+step_infra.train.emulator_check --worker``) that we start and, on timeout, kill by PID.
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from step_infra.models.parallel import ParallelGroups
 
 # Layout name -> (tp, dp): the issue's three local layouts.
 LAYOUTS: dict[str, tuple[int, int]] = {"1 rank": (1, 1), "DP=2 gloo": (1, 2), "TP=2 gloo": (2, 1)}
+PRESET = "tiny-dit"  # the same name in step_infra.models and the emulator's presets
+_MODULE = "step_infra.train.emulator_check"  # what the ranks run (``--worker``)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,135 +59,59 @@ class CheckConfig:
             raise ValueError(f"batch, seq_len, steps, threads must be >= 1 and warmup >= 0: {self}")
 
 
-def _build_model(tp: int, group: Any) -> Any:
-    """The stand-in DiT with tiny-dit shapes; ``tp`` > 1 shards each block Megatron-style."""
+def latent_grid(seq_len: int) -> tuple[int, int, int]:
+    """(frames, height, width) of ``seq_len`` latent tokens (patch 1), as close to a cube as
+    the factors allow: 256 -> (4, 8, 8), 48 -> (3, 4, 4), a prime p -> (1, 1, p)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    best = (1, 1, seq_len)
+    for f in range(1, round(seq_len ** (1 / 3)) + 1):
+        if seq_len % f:
+            continue
+        rest = seq_len // f
+        h = max(d for d in range(1, math.isqrt(rest) + 1) if rest % d == 0)
+        cand = (f, h, rest // h)
+        if max(cand) < max(best):
+            best = cand
+    return best
+
+
+def time_steps(
+    *, groups: ParallelGroups, dp_rank: int, cfg: CheckConfig, text_tokens: int
+) -> float:
+    """Median seconds of one training step of the real tiny DiT on this rank.
+
+    ``groups`` is this rank's ``ParallelGroups`` (``ParallelGroups.single()`` in one process,
+    else created over an initialized gloo world). Each data-parallel rank draws its own batch;
+    the text is ``text_tokens`` tokens in all, two thirds from the short encoder and a third
+    from the long one, packed as the trainer packs them.
+    """
     import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from torch import nn
 
-    h, heads, hd, ffn, lat, text_dim, t_ch, layers = 128, 4, 32, 512, 16, 384, 64, 4
+    from step_infra.models import build_dit, get_preset
+    from step_infra.models.parallel import finalize_grads
 
-    class _Copy(torch.autograd.Function):  # identity forward, all-reduce backward ("f")
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-            g = g.clone()
-            dist.all_reduce(g, group=group)
-            return g
-
-    class _Reduce(torch.autograd.Function):  # all-reduce forward, identity backward ("g")
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-            x = x.clone()
-            dist.all_reduce(x, group=group)
-            return x
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-            return g
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        return _Copy.apply(x) if tp > 1 else x  # type: ignore[no-any-return]
-
-    def g(x: torch.Tensor) -> torch.Tensor:
-        return _Reduce.apply(x) if tp > 1 else x  # type: ignore[no-any-return]
-
-    hl = heads // tp
-    a = hl * hd
-
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm1 = nn.LayerNorm(h, elementwise_affine=False)
-            self.qkv = nn.Linear(h, 3 * a, bias=False)
-            self.q_norm, self.k_norm = nn.RMSNorm(hd), nn.RMSNorm(hd)
-            self.proj = nn.Linear(a, h, bias=False)
-            self.norm2 = nn.LayerNorm(h)
-            self.cq = nn.Linear(h, a, bias=False)
-            self.ckv = nn.Linear(h, 2 * a, bias=False)
-            self.cq_norm, self.ck_norm = nn.RMSNorm(hd), nn.RMSNorm(hd)
-            self.cproj = nn.Linear(a, h, bias=False)
-            self.norm3 = nn.LayerNorm(h, elementwise_affine=False)
-            self.fc1 = nn.Linear(h, ffn // tp)
-            self.fc2 = nn.Linear(ffn // tp, h, bias=False)
-            self.fc2_bias = nn.Parameter(torch.zeros(h))
-            self.table = nn.Parameter(torch.randn(6, h) / h**0.5)
-
-        def _heads(self, x: torch.Tensor) -> torch.Tensor:
-            b, s, _ = x.shape
-            return x.view(b, s, hl, hd).transpose(1, 2)  # (B, heads, S, hd)
-
-        def forward(self, x: torch.Tensor, text: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-            b, s, _ = x.shape
-            sh1, sc1, g1, sh2, sc2, g2 = (mod + self.table).unbind(1)  # each (B, h)
-            y = f(self.norm1(x) * (1 + sc1[:, None]) + sh1[:, None])
-            q, k, v = self.qkv(y).chunk(3, dim=-1)
-            q, k, v = self.q_norm(self._heads(q)), self.k_norm(self._heads(k)), self._heads(v)
-            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, a)
-            x = x + g1[:, None] * g(self.proj(o))
-            y = f(self.norm2(x))
-            ck, cv = self.ckv(f(text)).chunk(2, dim=-1)
-            cq = self.cq_norm(self._heads(self.cq(y)))
-            o = F.scaled_dot_product_attention(cq, self.ck_norm(self._heads(ck)), self._heads(cv))
-            x = x + g(self.cproj(o.transpose(1, 2).reshape(b, s, a)))
-            y = f(self.norm3(x) * (1 + sc2[:, None]) + sh2[:, None])
-            out = g(self.fc2(F.gelu(self.fc1(y), approximate="tanh"))) + self.fc2_bias
-            return x + g2[:, None] * out
-
-    class StandIn(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.patch = nn.Linear(lat, h)
-            self.t_mlp = nn.Sequential(nn.Linear(t_ch, h), nn.SiLU(), nn.Linear(h, h))
-            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(h, 6 * h))
-            self.text_proj = nn.Linear(text_dim, h)
-            self.blocks = nn.ModuleList(Block() for _ in range(layers))
-            self.final_norm = nn.LayerNorm(h, elementwise_affine=False)
-            self.out = nn.Linear(h, lat)
-
-        def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            half = t_ch // 2
-            freqs = torch.exp(-math.log(10_000.0) * torch.arange(half) / half)
-            temb = self.t_mlp(
-                torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)
-            )
-            mod = self.adaln(temb).view(-1, 6, h)
-            z, txt = self.patch(x), self.text_proj(text)
-            for blk in self.blocks:
-                z = blk(z, txt, mod)
-            return self.out(self.final_norm(z))  # (B, S, latent channels)
-
-    return StandIn()
-
-
-def time_steps(*, tp: int, dp: int, rank: int, cfg: CheckConfig, text_tokens: int) -> float:
-    """Median seconds of one training step on this rank (process group already set up)."""
-    import torch
-    import torch.distributed as dist
-
-    torch.manual_seed(0)
     torch.set_num_threads(cfg.threads)
-    distributed = tp * dp > 1
-    model = _build_model(tp, dist.group.WORLD if tp > 1 else None)
-    if dp > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    distributed = groups.tp_size * groups.dp_size > 1
+    model = build_dit(PRESET, groups=groups, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(1 + (rank if dp > 1 else 0))
-    x = torch.randn(cfg.batch, cfg.seq_len, 16, generator=gen)
-    text = torch.randn(cfg.batch, text_tokens, 384, generator=gen)
+    c = get_preset(PRESET)
+    f, h, w = latent_grid(cfg.seq_len)
+    long_tokens = text_tokens // 3
+    gen = torch.Generator().manual_seed(1 + dp_rank)
+    x = torch.randn(cfg.batch, c.in_channels, f, h, w, generator=gen)  # (B, C, F, H, W)
     t = torch.rand(cfg.batch, generator=gen)
-    target = torch.randn(cfg.batch, cfg.seq_len, 16, generator=gen)
+    text_short = torch.randn(cfg.batch, text_tokens - long_tokens, c.text_dim_short, generator=gen)
+    text_long = torch.randn(cfg.batch, long_tokens, c.text_dim_long, generator=gen)
+    target = torch.randn(x.shape, generator=gen)
     times = []
     for i in range(cfg.warmup + cfg.steps):
         if distributed:
-            dist.barrier()
+            torch.distributed.barrier()
         t0 = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(model(x, t, text), target)
-        loss.backward()
+        pred = model(x, t, text_short, None, text_long if long_tokens else None, None)
+        torch.nn.functional.mse_loss(pred, target).backward()
+        finalize_grads(model, groups)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= cfg.warmup:
@@ -189,6 +122,9 @@ def time_steps(*, tp: int, dp: int, rank: int, cfg: CheckConfig, text_tokens: in
 def _worker(argv: list[str]) -> None:
     import torch.distributed as dist
 
+    from step_infra.models.parallel import ParallelGroups
+    from step_infra.topology import ProcessGrid
+
     rank, world, port, tp, dp = (int(v) for v in argv[:5])
     cfg = CheckConfig(**json.loads(argv[5]))
     text_tokens = int(argv[6])
@@ -196,7 +132,11 @@ def _worker(argv: list[str]) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        sec = time_steps(tp=tp, dp=dp, rank=rank, cfg=cfg, text_tokens=text_tokens)
+        grid = ProcessGrid(tp=tp, dp=dp)
+        groups = ParallelGroups.create(grid)
+        sec = time_steps(
+            groups=groups, dp_rank=grid.coords(rank)["dp"], cfg=cfg, text_tokens=text_tokens
+        )
         if rank == 0:
             sys.stdout.write(json.dumps({"step_s": sec}) + "\n")
     finally:
@@ -210,23 +150,19 @@ def _free_port() -> int:
 
 
 def measure_layout(tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24) -> float:
-    """Median step seconds of the stand-in with ``tp x dp`` ranks (in-process when 1)."""
+    """Median step seconds of the tiny DiT with ``tp x dp`` ranks (in-process when 1)."""
     if tp * dp == 1:
-        return time_steps(tp=1, dp=1, rank=0, cfg=cfg, text_tokens=text_tokens)
+        from step_infra.models.parallel import ParallelGroups
+
+        return time_steps(
+            groups=ParallelGroups.single(), dp_rank=0, cfg=cfg, text_tokens=text_tokens
+        )
     world, port = tp * dp, _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
     args = [str(port), str(tp), str(dp), json.dumps(dataclasses.asdict(cfg)), str(text_tokens)]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "step_infra.emulator.localcheck",
-                "--worker",
-                str(r),
-                str(world),
-                *args,
-            ],
+            [sys.executable, "-m", _MODULE, "--worker", str(r), str(world), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -249,18 +185,23 @@ def measure_layout(tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24)
     return float(json.loads(outs[0].strip().splitlines()[-1])["step_s"])
 
 
-def predict_layout(profile_path: str | Path, tp: int, dp: int, cfg: CheckConfig) -> dict[str, Any]:
-    """``predict_step`` of the same step on the measured profile: ``tp x dp`` ranks, one node."""
+def predict_layout(
+    profile_path: str | Path, tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24
+) -> dict[str, Any]:
+    """``predict_step`` of the same step on the measured profile: ``tp x dp`` ranks, one node,
+    gradients reduced after the backward (as ``finalize_grads`` does)."""
     from step_infra.emulator import predict_step
 
     est = predict_step(
-        "tiny-dit",
+        PRESET,
         profile_path,
         tp=tp,
         dp=dp,
         micro_batch=cfg.batch,
         global_batch=cfg.batch * dp,
         seq_len=cfg.seq_len,
+        text_tokens=text_tokens,
+        overlap_grad_reduce=False,
     )
     return {"step_time_s": est.step_time_s, "breakdown": est.breakdown}
 
@@ -319,10 +260,9 @@ def run_local_check(
     layout was profiled or timed (the larger of the two windows). On a shared machine a burst
     of someone else's work can take half of it; such a measurement is not of this job, and a
     profile taken under a load the step did not see (or the reverse) predicts another machine.
-    A layout with ``other_load`` above
-    ``max_other_load`` is profiled and timed again, up to ``attempts`` times in all; every
-    attempt is kept in the row's ``attempts`` list, the row reports the last one, and
-    ``contended`` says whether even that one was above the limit.
+    A layout with ``other_load`` above ``max_other_load`` is profiled and timed again, up to
+    ``attempts`` times in all; every attempt is kept in the row's ``attempts`` list, the row
+    reports the last one, and ``contended`` says whether even that one was above the limit.
     """
     from step_infra.emulator import get_model
 
@@ -331,7 +271,7 @@ def run_local_check(
             f"attempts must be >= 1 and max_other_load in [0, 1], got {attempts}, {max_other_load}"
         )
     cfg = cfg or CheckConfig()
-    text_tokens = get_model("tiny-dit").text_tokens
+    text_tokens = get_model(PRESET).text_tokens
     rows = []
     for name, (tp, dp) in (layouts or LAYOUTS).items():
         world = tp * dp
@@ -344,7 +284,7 @@ def run_local_check(
             with _OtherLoad() as step_load:
                 measured = measure_layout(tp, dp, cfg, text_tokens=text_tokens)
             others = max(probe_load.share, step_load.share)
-            pred = predict_layout(profile, tp, dp, cfg)
+            pred = predict_layout(profile, tp, dp, cfg, text_tokens=text_tokens)
             used = json.loads(Path(profile).read_text())
             tries.append(
                 {

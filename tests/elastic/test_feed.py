@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from step_infra.demo.simulate import write_simulated_run
+from step_infra.elastic.feed import StepFeed
+from step_infra.elastic.policy import DetectOnly, Evict
+from step_infra.elastic.watch import StragglerWatch, WatchState
 from step_infra.telemetry import read_events
 from step_infra.telemetry.detector import DetectorConfig
 from step_infra.telemetry.events import EventLog
-from step_infra.telemetry.feed import StepFeed
-from step_infra.telemetry.policy import DetectOnly, Evict
-from step_infra.telemetry.simulate import write_simulated_run
 from step_infra.telemetry.store import StoreTail
-from step_infra.telemetry.watch import StragglerWatch, WatchState
 
 
 def _rows(*rows: tuple[int, int, str, str, str, float]) -> pd.DataFrame:

@@ -69,15 +69,19 @@ def stage_plan(out: Path, console: Console) -> dict[str, str]:
 def stage_train(out: Path, console: Console) -> dict[str, str]:
     """The main job: encoder servers stream over StepRPC to 2 nodes x 2 trainer ranks + a hot
     spare; a node is throttled to a third of its speed (detected, priced, evicted, the spare
-    joins) and later a trainer is killed with -9 (recovered from the last durable checkpoint). Then the same job runs
-    briefly with one VAE server fewer, to show what an under-sized encoder split costs."""
+    joins) and later a trainer is killed with -9 (recovered from the last durable checkpoint).
+    Then the same job runs briefly with its VAE supply at half the consumption just measured,
+    to show what an under-sized encoder split costs on whatever machine this runs."""
     from step_infra.train.job.config import Faults, tiny_t2v
     from step_infra.train.job.launcher import run_training_job
+    from step_infra.train.job.progress import JobProgressPrinter
     from step_infra.train.job.report import job_metrics, write_job_report
 
     cfg = tiny_t2v()
     run_dir = out / "train"
-    result = run_training_job(cfg, run_dir, console=console, fresh=True)
+    result = run_training_job(
+        cfg, run_dir, on_event=JobProgressPrinter(console, run_dir), fresh=True
+    )
     m = job_metrics(run_dir)
     faults = [e["event"] for e in m["faults"]]
     problems = []
@@ -91,24 +95,33 @@ def stage_train(out: Path, console: Console) -> dict[str, str]:
         problems.append(f"data audit failed: {m['audit']}")
     if problems:
         raise DemoStageError("; ".join(problems) + f" (logs in {run_dir / 'logs'})")
-    console.rule("same job, one VAE server fewer")
+    # The encoder split, shown by starving it: the same job with the VAE supply set to half
+    # of what the trainers were measured to consume above, wherever this runs.
     runs = [_encoder_run(cfg, m)]
-    if cfg.vae_servers > 1:
-        fewer = cfg.replace(vae_servers=cfg.vae_servers - 1, steps=20, faults=Faults())
+    demand = float(runs[0]["consumption_per_s"])
+    if demand > 0:
+        half = dataclasses.replace(cfg.servers, vae_servers=1, vae_rate=round(demand / 2, 2))
+        console.rule(f"same job, VAE supply at half the trainers' demand ({demand / 2:.1f}/s)")
+        starved = cfg.replace(servers=half, steps=20, faults=Faults())
         small_dir = out / "train-fewer-encoders"
         shutil.rmtree(small_dir, ignore_errors=True)
         (small_dir / "assets").mkdir(parents=True)
         shutil.copy(run_dir / "assets" / "vae.pt", small_dir / "assets" / "vae.pt")
-        fewer_result = run_training_job(
-            fewer, small_dir, console=console, sample=False, report=False, predict=False
+        starved_result = run_training_job(
+            starved,
+            small_dir,
+            on_event=JobProgressPrinter(console, small_dir),
+            sample=False,
+            report=False,
+            predict=False,
         )
-        if fewer_result.elastic is not None and fewer_result.elastic.evicted:
+        if starved_result.elastic is not None and starved_result.elastic.evicted:
             # No fault was injected: an eviction here is a false one, and a bug.
             raise DemoStageError(
-                f"the fault-free run evicted {fewer_result.elastic.evicted} "
+                f"the fault-free run evicted {starved_result.elastic.evicted} "
                 f"(events in {small_dir / 'events.jsonl'})"
             )
-        runs.append(_encoder_run(fewer, job_metrics(small_dir)))
+        runs.append(_encoder_run(starved, job_metrics(small_dir)))
     (run_dir / "encoder_experiment.json").write_text(json.dumps({"runs": runs}, indent=2))
     for r in runs:
         console.print(
@@ -127,14 +140,14 @@ def stage_train(out: Path, console: Console) -> dict[str, str]:
 
 def _encoder_run(cfg: Any, m: dict[str, Any]) -> dict[str, Any]:
     """One row of the encoder-split experiment, with the reason its stall is what it is."""
-    supply = cfg.vae_servers * cfg.vae_rate
+    supply = cfg.servers.vae_servers * cfg.servers.vae_rate
     step = m.get("measured_step_s") or float("nan")
     stall = m.get("data_stall_fraction") or 0.0
     consumption = cfg.global_batch / (step * (1 - stall)) if step == step else float("nan")
     verdict = "trainers wait for latents" if supply < consumption else "encoders stay ahead"
     return {
-        "vae_servers": cfg.vae_servers,
-        "vae_rate": cfg.vae_rate,
+        "vae_servers": cfg.servers.vae_servers,
+        "vae_rate": cfg.servers.vae_rate,
         "consumption_per_s": round(consumption, 2),
         "data_stall_fraction": m.get("data_stall_fraction"),
         "why": f"VAE servers supply {supply:g} samples/s, trainers consume {consumption:.1f}/s "

@@ -8,7 +8,7 @@ spare takes no part in the rendezvous until the controller activates it (after a
 by creating its ``go`` file; it then runs the agent in this already-warm interpreter. It exits
 by itself if its controller dies (it gets re-parented).
 
-    python -m step_infra.telemetry.standby --go FILE -- <torchrun arguments>
+    python -m step_infra.elastic.standby --go FILE -- <torchrun arguments>
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 3 or args[0] != "--go" or args[2] != "--":
-        raise SystemExit("usage: python -m step_infra.telemetry.standby --go FILE -- ARGS...")
+        raise SystemExit("usage: python -m step_infra.elastic.standby --go FILE -- ARGS...")
     go, torchrun_args = Path(args[1]), args[3:]
     from torch.distributed import run  # the slow import happens before activation
 

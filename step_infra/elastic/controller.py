@@ -11,13 +11,13 @@ spare takes the free place. Workers resume from the latest checkpoint and keep t
 batch by recomputing gradient accumulation. A spare that never got a place would crash when
 the job ends, so the controller stops spares itself.
 
-Spares wait on *standby* (:mod:`~step_infra.telemetry.standby`: torchrun loaded, outside the
+Spares wait on *standby* (:mod:`~step_infra.elastic.standby`: torchrun loaded, outside the
 rendezvous) and the controller activates one right after an eviction. Waiting inside the
 rendezvous would break crash recovery: a worker that crashes sends every agent back to the
 rendezvous with the spare there too, and torch 2.13 then restarts the workers over and over.
 
 The loop here watches (a) the telemetry store, feeding per-rank compute times to the
-:class:`StragglerDetector` and pricing each detection (:mod:`~step_infra.telemetry.watch`:
+:class:`StragglerDetector` and pricing each detection (:mod:`~step_infra.elastic.watch`:
 an eviction happens only when it saves more than it costs), (b) heartbeats, with a
 separate timeout for checkpoint phases so a long save is not taken for a hang, and (c) the
 events workers write (starts, resumes), and it writes every detection, eviction, restart and
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from step_infra.telemetry.agents import (
+from step_infra.elastic.agents import (
     Agent,
     AgentLaunch,
     activate_spare,
@@ -56,12 +56,9 @@ from step_infra.telemetry.agents import (
     start_agent,
     stop_agent,
 )
-from step_infra.telemetry.detector import DetectorConfig
-from step_infra.telemetry.events import EventLog, read_events
-from step_infra.telemetry.policy import EvictionPolicy, make_policy
-from step_infra.telemetry.store import StoreTail
-from step_infra.telemetry.watch import StragglerWatch, WatchState
-from step_infra.telemetry.worker_support import (
+from step_infra.elastic.policy import EvictionPolicy, make_policy
+from step_infra.elastic.watch import StragglerWatch, WatchState
+from step_infra.elastic.worker_env import (
     LAUNCH_ENV,
     NODE_ENV,
     PULSE_S,
@@ -69,10 +66,11 @@ from step_infra.telemetry.worker_support import (
     SLOW_ENV,
     read_heartbeats,
 )
+from step_infra.telemetry.detector import DetectorConfig
+from step_infra.telemetry.events import EventLog, read_events
+from step_infra.telemetry.store import StoreTail
 
 log = logging.getLogger(__name__)
-
-TOY_WORKER = ("-m", "step_infra.telemetry.toy_worker")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,7 +78,7 @@ class ElasticConfig:
     """One elastic job: how many nodes, spares, what each runs, and the timeouts."""
 
     run_dir: Path
-    worker_args: Sequence[str] = TOY_WORKER  # after ``python``: "-m module ..." or "script"
+    worker_args: tuple[str, ...] = ()  # after ``python``: "-m module ..." or "script"
     nodes: int = 3
     min_nodes: int | None = None  # None: = nodes. Below nodes, an eviction without a spare
     # shrinks the job (gradient accumulation grows to keep the global batch).
@@ -658,6 +656,12 @@ def hung_ranks(
 
 
 def run_elastic_job(config: ElasticConfig, policy: EvictionPolicy | None = None) -> ElasticResult:
-    """Run one elastic job to completion (or failure); the entry point ``step-infra train``
-    uses for ``--eviction evict --spares N``. Blocks; returns what happened."""
+    """Run one elastic job to completion (or failure). Blocks; returns what happened.
+    ``step-infra train`` runs its trainers through :class:`ElasticController` the same way
+    (``--eviction evict|detect`` picks the policy; the recipe sets nodes and spares)."""
+    if not config.worker_args:
+        raise ValueError(
+            "ElasticConfig.worker_args is empty: say what each node runs after `python`, "
+            "e.g. ('-m', 'step_infra.train.job.worker')"
+        )
     return ElasticController(config, policy).run()

@@ -17,24 +17,23 @@ from typing import Any
 
 import pytest
 
-from step_infra.telemetry import read_events, read_store
-from step_infra.telemetry.agents import is_launch_process
-from step_infra.telemetry.detector import DetectorConfig
-from step_infra.telemetry.elastic import (
-    TOY_WORKER,
+from step_infra.demo.toy_worker import TOY_WORKER, reference_losses
+from step_infra.elastic.agents import is_launch_process
+from step_infra.elastic.controller import (
     ElasticConfig,
     ElasticController,
     hung_ranks,
     run_elastic_job,
 )
-from step_infra.telemetry.events import EventLog
-from step_infra.telemetry.toy_worker import reference_losses
-from step_infra.telemetry.worker_support import (
+from step_infra.elastic.worker_env import (
     LAUNCH_ENV,
     Heartbeat,
     WorkerEnv,
     read_heartbeats,
 )
+from step_infra.telemetry import read_events, read_store
+from step_infra.telemetry.detector import DetectorConfig
+from step_infra.telemetry.events import EventLog
 
 
 def _config(run_dir: Path, **overrides: Any) -> ElasticConfig:

@@ -1,6 +1,6 @@
-"""What an elastic worker needs from the controller: identity, heartbeats, checkpoints.
+"""What an elastic worker needs from the controller: its identity and heartbeats.
 
-The controller (:mod:`step_infra.telemetry.elastic`) passes everything through environment
+The controller (:mod:`step_infra.elastic.controller`) passes everything through environment
 variables, so any training script started by ``torchrun`` can use this module:
 
 * ``STEP_INFRA_RUN_DIR``: the run directory (events, store, checkpoints, heartbeats);
@@ -13,9 +13,9 @@ Heartbeats are small JSON files renamed into place (one per node), so the contro
 a hang from a long checkpoint save: a heartbeat carries the *phase* (``step``, ``save``,
 ``load``, ``collective``) and the controller applies that phase's timeout. A :class:`Heartbeat`
 also *pulses* from a thread: a rank frozen in place (SIGSTOP, a dead host) stops pulsing, while
-ranks waiting for it at a collective keep pulsing; so a hang names its rank. Checkpoints are ``torch.save``
-files written under a temporary name and renamed, with a ``latest`` pointer, so a worker
-killed mid-save never leaves a torn checkpoint behind.
+ranks waiting for it at a collective keep pulsing; so a hang names its rank. Checkpoints
+are :mod:`step_infra.elastic.checkpoint`'s (torch.distributed.checkpoint, one format for
+every job).
 """
 
 from __future__ import annotations
@@ -184,36 +184,3 @@ def next_generation(run_dir: Path) -> int:
     current = int(path.read_text()) if path.exists() else 0
     _write_atomic(path, str(current + 1).encode())
     return current + 1
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write ``state`` for ``step`` atomically and point ``latest`` at it; keep the last 2."""
-    import torch
-
-    directory = checkpoint_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step{step:08d}.pt"
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    _write_atomic(directory / "latest", path.name.encode())
-    for old in sorted(directory.glob("step*.pt"))[:-2]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def load_latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The state saved last, or None when the job has no checkpoint yet."""
-    import torch
-
-    pointer = checkpoint_dir(run_dir) / "latest"
-    if not pointer.exists():
-        return None
-    state: dict[str, Any] = torch.load(
-        checkpoint_dir(run_dir) / pointer.read_text().strip(), weights_only=False
-    )
-    return state

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from step_infra.telemetry.elastic import TOY_WORKER, ElasticConfig, ElasticResult, run_elastic_job
+from step_infra.demo.toy_worker import TOY_WORKER
+from step_infra.elastic.controller import ElasticConfig, ElasticResult, run_elastic_job
 
 
 def run_eviction_story(

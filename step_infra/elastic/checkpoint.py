@@ -1,4 +1,4 @@
-"""Distributed checkpoints of a tensor-parallel DiT with torch.distributed.checkpoint (DCP).
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): the one checkpoint format.
 
 Every rank writes its own shards in parallel, asynchronously (DCP stages a copy, then writes
 in a background thread on a gloo group of its own, so the save never shares a process group
@@ -10,8 +10,10 @@ Keys: tensor-parallel shards are plain tensors that differ per TP rank, which DC
 for replicas and de-duplicate, so their keys carry the TP rank (``...@tp1of2``); replicated
 parameters keep their name and are written once. A checkpoint therefore reloads on any number
 of data-parallel replicas with the same TP degree. AdamW's state is stored beside each
-parameter, and ``meta/step`` says which step the checkpoint ends; the data stream position
-is derived from it (``(step + 1) * global_batch``).
+parameter (other optimizers' state the same way, once it exists), and ``meta/step`` says
+which step the checkpoint ends; a streaming job derives its data position from it. Every
+elastic worker (the DiT job and the controller's toy job alike) saves and resumes through
+:class:`Checkpointer`, driven by :class:`~step_infra.elastic.session.ElasticSession`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def _key(name: str, p: torch.Tensor, tp_rank: int, tp_size: int) -> str:
 
 
 def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's state up front (zeros), so that a checkpoint can load into it."""
+    """Create Adam(W)'s state up front (zeros), so that a checkpoint can load into it (other
+    optimizers: their state as it is; plain SGD has none)."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not optimizer.state[p]:

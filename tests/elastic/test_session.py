@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from step_infra.telemetry.session import grad_accumulation
+from step_infra.elastic.session import grad_accumulation
 
 
 def test_grad_accumulation_keeps_the_global_batch() -> None:

@@ -1,0 +1,29 @@
+"""Demos and their fixtures: ``make demo``'s stages, the eviction story on a toy elastic job,
+and simulated telemetry runs that tests and benchmarks draw dashboards from.
+
+Names load their module on first use (PEP 562), so the CLI can import
+``step_infra.demo.cli`` without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DemoStageError": "run",
+    "run_demo": "run",
+    "stage_environment": "run",
+    "run_eviction_story": "story",
+    "write_simulated_run": "simulate",
+    "write_synthetic_store": "simulate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'step_infra.demo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"step_infra.demo.{module}"), name)
