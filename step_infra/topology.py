@@ -97,25 +97,7 @@ class ProcessGrid:
         return cls(dp=world_size // model, pp=pp, cp=cp, tp=tp)
 
 
-@dataclass(slots=True, kw_only=True)
-class TorchGroups:
-    """This rank's ``torch.distributed`` groups, one per grid axis."""
-
-    grid: ProcessGrid
-    rank: int
-    dp: ProcessGroup
-    pp: ProcessGroup
-    cp: ProcessGroup
-    tp: ProcessGroup
-
-    def size(self, axis: str) -> int:
-        return int(getattr(self.grid, axis))
-
-    def coord(self, axis: str) -> int:
-        return self.grid.coords(self.rank)[axis]
-
-
-def new_torch_groups(grid: ProcessGrid, backend: str | None = None) -> TorchGroups:
+def new_torch_groups(grid: ProcessGrid, backend: str | None = None) -> dict[str, ProcessGroup]:
     """Create every group of every axis (collectively, on all ranks) and keep this rank's.
 
     ``torch.distributed.new_group`` must be called by all ranks for every group in the same
@@ -135,4 +117,4 @@ def new_torch_groups(grid: ProcessGrid, backend: str | None = None) -> TorchGrou
             group = dist.new_group(ranks, backend=backend)
             if rank in ranks:
                 mine[axis] = group
-    return TorchGroups(grid=grid, rank=rank, **mine)
+    return mine

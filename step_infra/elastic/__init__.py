@@ -12,8 +12,9 @@ Names load their module on first use (PEP 562): importing the package starts not
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from step_infra.lazy import lazy_attribute
 
 _EXPORTS = {
     "ElasticConfig": "controller",
@@ -33,7 +34,4 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'step_infra.elastic' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"step_infra.elastic.{module}"), name)
+    return lazy_attribute(__name__, _EXPORTS, name)

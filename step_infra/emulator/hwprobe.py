@@ -366,7 +366,27 @@ def _compute_worker(arg: str) -> None:
     sys.stdout.write(json.dumps(out) + "\n")
 
 
-def _free_port() -> int:
+def collect_rank_outputs(
+    procs: list[subprocess.Popen[str]], *, timeout_s: float, what: str
+) -> list[str]:
+    """The stdout of every rank process we started; a rank that fails raises with its
+    stderr's tail, and whatever still runs then (or on a timeout) is killed by its PID."""
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout_s)
+            if p.returncode:
+                raise RuntimeError(f"{what} exited {p.returncode}: {err.strip()[-600:]}")
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return outs
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -398,7 +418,7 @@ def measure_gloo_allreduce(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []
     for _ in range(pairs):
-        args = [str(_free_port()), str(cfg.loopback_mb), str(reps or cfg.gloo_reps)]
+        args = [str(free_port()), str(cfg.loopback_mb), str(reps or cfg.gloo_reps)]
         procs += [
             subprocess.Popen(
                 [sys.executable, "-m", "step_infra.emulator.gloo_probe_worker", str(r), *args],
@@ -409,18 +429,7 @@ def measure_gloo_allreduce(
             )
             for r in range(2)
         ]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout_s)
-            if p.returncode:
-                raise RuntimeError(f"gloo probe rank exited {p.returncode}: {err.strip()[-400:]}")
-            outs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outs = collect_rank_outputs(procs, timeout_s=timeout_s, what="gloo probe rank")
     per_pair = [json.loads(o.strip().splitlines()[-1]) for o in outs[::2]]  # rank 0 of each
     res = {
         key: statistics.mean(r[key] for r in per_pair)

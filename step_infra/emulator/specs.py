@@ -144,7 +144,8 @@ class GPUSpec:
     """One accelerator: datasheet peaks plus the few fitted efficiencies of the time model.
 
     ``gemm_eff_max`` and ``gemm_half_dim`` shape the achievable matmul rate
-    (``peak * eff_max * d / (d + half_dim)`` for the smallest per-GPU GEMM dimension ``d``);
+    (``peak * eff_max * costmodel.gemm_fill(d, tokens, half_dim)`` for a GEMM of per-GPU
+    width ``d`` over ``tokens`` rows);
     ``attn_eff`` is the fraction of peak reached by fused attention; ``comm_eff`` the fraction
     of link bandwidth a ring collective reaches. They are fitted on shared/calibration.
     ``comm_overlap`` is the share of the compute time under which an overlapped collective can

@@ -7,25 +7,24 @@ or megatron-core.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from step_infra.lazy import lazy_attribute
+
 _EXPORTS = {
-    "PRESETS": "step_infra.models.config",
-    "DiTConfig": "step_infra.models.config",
-    "dit_parameter_count": "step_infra.models.config",
-    "get_preset": "step_infra.models.config",
-    "DiT": "step_infra.models.dit",
-    "build_dit": "step_infra.models.dit",
-    "ParallelGroups": "step_infra.models.parallel",
-    "VideoVAE": "step_infra.models.vae",
-    "TextEncoders": "step_infra.models.text",
+    "PRESETS": "config",
+    "DiTConfig": "config",
+    "dit_parameter_count": "config",
+    "get_preset": "config",
+    "DiT": "dit",
+    "build_dit": "dit",
+    "ParallelGroups": "parallel",
+    "VideoVAE": "vae",
+    "TextEncoders": "text",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'step_infra.models' has no attribute {name!r}")
+    return lazy_attribute(__name__, _EXPORTS, name)

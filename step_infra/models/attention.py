@@ -21,6 +21,7 @@ from torch import nn
 
 from step_infra.kernels import flash_attention
 from step_infra.models import parallel
+from step_infra.models.layers import init_parallel_linear_
 from step_infra.models.parallel import ParallelGroups
 from step_infra.models.rope import apply_rope
 
@@ -126,6 +127,11 @@ def _mark_tp_partial(module: nn.Module) -> None:
         p.tp_partial_grad = True  # type: ignore[attr-defined]
 
 
+def _reset_norms(*norms: nn.Module) -> None:
+    for norm in norms:  # deterministic (ones), no generator needed
+        norm.reset_parameters()  # type: ignore[operator]
+
+
 def _build_norms_core_proj(
     submodules: SelfAttentionSubmodules | CrossAttentionSubmodules,
     mcore_config: Any,
@@ -192,6 +198,11 @@ class SelfAttention(nn.Module):
             submodules, mcore_config, num_heads, head_dim, eps, groups
         )
 
+    def init_weights(self, generator: torch.Generator, *, std: float, out_std: float) -> None:
+        init_parallel_linear_(self.linear_qkv, std, generator)
+        _reset_norms(self.q_norm, self.k_norm)
+        init_parallel_linear_(self.linear_proj, out_std, generator)
+
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:  # x: (S, B, hidden), full sequence of this CP rank
@@ -249,6 +260,12 @@ class CrossAttention(nn.Module):
         self.q_norm, self.k_norm, self.core_attention, self.linear_proj = _build_norms_core_proj(
             submodules, mcore_config, num_heads, head_dim, eps, groups
         )
+
+    def init_weights(self, generator: torch.Generator, *, std: float, out_std: float) -> None:
+        init_parallel_linear_(self.linear_q, std, generator)
+        init_parallel_linear_(self.linear_kv, std, generator)
+        _reset_norms(self.q_norm, self.k_norm)
+        init_parallel_linear_(self.linear_proj, out_std, generator)
 
     def forward(
         self, x: torch.Tensor, text: torch.Tensor, text_lengths: torch.Tensor | None

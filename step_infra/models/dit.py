@@ -6,20 +6,24 @@ MLP) -> final modulated LayerNorm and linear -> unpatchify. ``dit_layer_spec`` n
 part, so the same block takes the CPU core attention, a context-parallel one, or other
 linears (e.g. Transformer-Engine's) without touching this file.
 
-Parallelism: TP through megatron-core's column/row-parallel linears; sequence parallel (SP)
-and context parallel (CP) by splitting the token sequence (see ``parallel``). With CP each
-rank keeps a contiguous chunk of the tokens; with SP the chunk is split again across the
-TP ranks between attention and MLP. The output is gathered back to the full sequence, so
-every rank returns the same ``[B, C, F, H, W]`` prediction.
+The model is three stages, each callable on its own (what pipeline parallelism cuts along):
+``embed`` (patch embedding and the :class:`Conditioning` every block needs), ``layers`` (the
+blocks) and ``head`` (final layer); ``forward`` only chains them between patchify and
+unpatchify. Parallelism, following torchtitan's model / parallelize split: tensor parallelism
+is in the block's ModuleSpec, whose linears and core attention are chosen from the
+:class:`ParallelGroups` passed in (never from global ``torch.distributed`` state); splitting
+the token sequence for context and sequence parallelism, and gathering it back, is done
+around the stages by :func:`step_infra.models.parallelize.parallelize`, not here.
+``build_dit`` does both and initializes the weights from a local generator.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -42,19 +46,25 @@ from step_infra.models.layers import (
     LongTextProjection,
     MLPSubmodules,
     TimestepEmbedding,
+    init_torch_linear_,
     pack_text,
 )
 from step_infra.models.parallel import ParallelGroups
+from step_infra.models.parallelize import parallelize
 from step_infra.models.rope import rope_angles, rope_cos_sin
 
 log = logging.getLogger(__name__)
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin, each (S, 1, 1, head_dim)
+
 
 def dit_layer_spec(groups: ParallelGroups) -> ModuleSpec:
-    """The block's parts; the self-attention core follows the context-parallel choice."""
+    """The block's parts, chosen from ``groups``: megatron-core's parallel linears when the
+    tensor-parallel group has several ranks, and the context-parallel core attention."""
+    tensor_parallel = groups.tp_size > 1
+    column: type = ColumnParallelLinear if tensor_parallel else LocalLinear
+    row: type = RowParallelLinear if tensor_parallel else LocalLinear
     core: type = LocalAttention
-    column: type = ColumnParallelLinear if dist.is_initialized() else LocalLinear
-    row: type = RowParallelLinear if dist.is_initialized() else LocalLinear
     if groups.cp_size > 1:
         core = UlyssesAttention if groups.cp_kind == "ulysses" else RingAttention
     return ModuleSpec(
@@ -134,6 +144,14 @@ class DiTLayer(nn.Module):
             for p in (*self.norm2.parameters(), self.scale_shift_table):
                 p.tp_partial_grad = True  # type: ignore[attr-defined]
 
+    def init_weights(self, generator: torch.Generator, *, std: float, out_std: float) -> None:
+        self.norm2.reset_parameters()
+        self.self_attention.init_weights(generator, std=std, out_std=out_std)
+        self.cross_attention.init_weights(generator, std=std, out_std=out_std)
+        self.mlp.init_weights(generator, std=std, out_std=out_std)
+        h = self.scale_shift_table.shape[1]
+        nn.init.normal_(self.scale_shift_table, 0.0, h**-0.5, generator=generator)
+
     def _sublayer(self, fn: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
         if not self.groups.sequence_parallel:
             return fn(x, *args)  # type: ignore[no-any-return]
@@ -157,53 +175,161 @@ class DiTLayer(nn.Module):
         return x + gate2 * self._sublayer(self.mlp, y)
 
 
+@dataclass(slots=True)
+class Conditioning:
+    """What the blocks and the head need besides the hidden states; ``DiT.embed`` makes it."""
+
+    t_mod: torch.Tensor  # (B, 6, h) adaLN-single modulation, shared by all blocks
+    temb: torch.Tensor  # (B, h) timestep embedding, modulates the head
+    text: torch.Tensor  # (L, B, h) both captions' tokens, valid ones first
+    text_lengths: torch.Tensor  # (B,)
+    rope: Rope  # angles of the tokens the hidden states hold
+
+
+class DiTEmbedding(nn.Module):
+    """Patch embedding of the tokens, timestep and caption conditioning."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        c, h = config, config.hidden_size
+        self.patch_embed = nn.Linear(c.in_channels * c.patch_size**2, h)
+        self.timestep = TimestepEmbedding(c.timestep_channels, h)
+        self.adaln = nn.Linear(h, 6 * h)  # adaLN-single, shared by all blocks
+        self.text_short = nn.Linear(c.text_dim_short, h)
+        self.text_long = LongTextProjection(c.text_dim_long, h)
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        for m in self.modules():  # registration order: the same draws on every rank
+            if isinstance(m, nn.Linear):
+                init_torch_linear_(m, generator)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, S, C p p) patches
+        rope: Rope,  # of those S tokens
+        t: torch.Tensor,  # (B,) in [0, 1]
+        text_short: torch.Tensor,  # (B, Ls, text_dim_short)
+        short_lengths: torch.Tensor | None = None,  # (B,)
+        text_long: torch.Tensor | None = None,  # (B, Ll, text_dim_long)
+        long_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Conditioning]:
+        b = tokens.shape[0]
+        h = self.patch_embed(tokens).transpose(0, 1)  # (S, B, h)
+        temb = self.timestep(t)  # (B, h)
+        t_mod = self.adaln(nn.functional.silu(temb)).view(b, 6, -1)  # (B, 6, h)
+        if short_lengths is None:
+            short_lengths = torch.full((b,), text_short.shape[1], device=tokens.device)
+        short = self.text_short(text_short)
+        long = self.text_long(text_long) if text_long is not None else None
+        if long is not None and long_lengths is None:
+            long_lengths = torch.full((b,), long.shape[1], device=tokens.device)
+        text, text_lengths = pack_text(short, short_lengths, long, long_lengths)
+        return h, Conditioning(t_mod, temb, text.transpose(0, 1), text_lengths, rope)
+
+
+class DiTHead(nn.Module):
+    """Final layer: LayerNorm modulated by the timestep embedding, then a linear to patches."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        c, h = config, config.hidden_size
+        self.final_norm = nn.LayerNorm(h, eps=c.norm_eps, elementwise_affine=False)
+        self.final_table = nn.Parameter(torch.randn(2, h) / h**0.5)
+        self.final_linear = nn.Linear(h, c.out_channels * c.patch_size**2)
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        h = self.final_table.shape[1]
+        nn.init.normal_(self.final_table, 0.0, h**-0.5, generator=generator)
+        init_torch_linear_(self.final_linear, generator)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (S, B, h)
+        temb: torch.Tensor,  # (B, h)
+    ) -> torch.Tensor:  # (S, B, C p p)
+        shift, scale = (self.final_table[None] + temb[:, None]).unsqueeze(0).unbind(2)
+        return self.final_linear(self.final_norm(x) * (1 + scale) + shift)  # type: ignore[no-any-return]
+
+
 class DiT(nn.Module):
-    """Video diffusion transformer: ``(latents, t, text) -> velocity`` of the same shape."""
+    """Video diffusion transformer: ``(latents, t, text) -> velocity`` of the same shape.
+
+    ``groups`` chooses the blocks' tensor- and context-parallel parts; without it the model is
+    the plain one-process DiT and never calls ``torch.distributed``. The weights are those of
+    torch's and megatron-core's defaults (global RNG); ``init_weights`` draws them from a
+    generator instead, which is what ``build_dit`` does.
+    """
 
     def __init__(self, config: DiTConfig, groups: ParallelGroups | None = None) -> None:
         super().__init__()
         self.config = c = config
         self.groups = groups = groups or ParallelGroups.single()
-        h, p = c.hidden_size, c.patch_size
-        std = c.init_std
+        std, out_std = c.init_std, self.output_init_std
         mcore = ModelParallelConfig(
             use_cpu_initialization=True,  # init the full weight, then keep this rank's slice
-            perform_initialization=True,
+            perform_initialization=True,  # also marks the TP weights (``partition_dim``, ...)
             params_dtype=torch.float32,
             sequence_parallel=False,  # handled around the linears; see `parallel`
         )
-        mcore.hidden_size = h  # type: ignore[attr-defined]
+        mcore.hidden_size = c.hidden_size  # type: ignore[attr-defined]
         mcore.init_method = lambda w: nn.init.normal_(w, 0.0, std)  # type: ignore[attr-defined]
-        mcore.output_layer_init_method = lambda w: nn.init.normal_(  # type: ignore[attr-defined]
-            w, 0.0, std / (2 * c.num_layers) ** 0.5
-        )
-        self.patch_embed = nn.Linear(c.in_channels * p * p, h)
-        self.timestep = TimestepEmbedding(c.timestep_channels, h)
-        self.adaln = nn.Linear(h, 6 * h)  # adaLN-single, shared by all blocks
-        self.text_short = nn.Linear(c.text_dim_short, h)
-        self.text_long = LongTextProjection(c.text_dim_long, h)
+        mcore.output_layer_init_method = lambda w: nn.init.normal_(w, 0.0, out_std)  # type: ignore[attr-defined]
+        self.embed = DiTEmbedding(c)
         spec = dit_layer_spec(groups)
         self.layers = nn.ModuleList(
             build_module(spec, config=c, mcore_config=mcore, groups=groups)
             for _ in range(c.num_layers)
         )
-        self.final_norm = nn.LayerNorm(h, eps=c.norm_eps, elementwise_affine=False)
-        self.final_table = nn.Parameter(torch.randn(2, h) / h**0.5)
-        self.final_linear = nn.Linear(h, c.out_channels * p * p)
-        if groups.sequence_parallel:
-            for prm in (self.final_table, *self.final_linear.parameters()):
-                prm.tp_partial_grad = True  # type: ignore[attr-defined]
-        if c.zero_init_output:  # adaLN-zero start: blocks begin as identity, the output as zero
+        self.head = DiTHead(c)
+        if c.zero_init_output:
+            self._zero_init()
+
+    @property
+    def output_init_std(self) -> float:
+        """Std of the blocks' output projections: ``init_std / sqrt(2 * num_layers)``."""
+        return self.config.init_std / (2 * self.config.num_layers) ** 0.5
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Draw every parameter from ``generator`` (CPU), stage by stage in a fixed order.
+
+        Tensor-parallel weights are drawn full and sliced, so the same generator state gives
+        the same full model on every rank of any layout.
+        """
+        std, out_std = self.config.init_std, self.output_init_std
+        self.embed.init_weights(generator)
+        for layer in self.layers:
+            assert isinstance(layer, DiTLayer)
+            layer.init_weights(generator, std=std, out_std=out_std)
+        self.head.init_weights(generator)
+        if self.config.zero_init_output:
             self._zero_init()
 
     def _zero_init(self) -> None:
-        nn.init.zeros_(self.adaln.weight)
-        nn.init.zeros_(self.adaln.bias)
-        nn.init.zeros_(self.final_linear.weight)
-        nn.init.zeros_(self.final_linear.bias)
+        """adaLN-zero start: blocks begin as identity, the output as zero."""
+        for p in (*self.embed.adaln.parameters(), *self.head.final_linear.parameters()):
+            nn.init.zeros_(p)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, Rope, tuple[int, int, int]]:
+        """Latents ``(B, C, F, H, W)`` -> tokens ``(B, S, C p p)``, their RoPE and the grid."""
+        c, p = self.config, self.config.patch_size
+        _, ch, f, hh, ww = x.shape
+        if ch != c.in_channels or hh % p or ww % p:
+            raise ValueError(
+                f"latents {tuple(x.shape)} need {c.in_channels} channels and H, W divisible by {p}"
+            )
+        grid = (f, hh // p, ww // p)
+        rope = rope_cos_sin(rope_angles(grid, c.rope_split, c.rope_base).to(x.device))
+        return _patchify(x, p), rope, grid
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Head output ``(S, B, C p p)`` -> ``(B, C, F, H, W)``."""
+        c = self.config
+        return _unpatchify(out.transpose(0, 1), grid, c.patch_size, c.out_channels)
 
     def forward(
         self,
@@ -214,50 +340,11 @@ class DiT(nn.Module):
         text_long: torch.Tensor | None = None,  # (B, Ll, text_dim_long)
         long_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        c, g = self.config, self.groups
-        b, ch, f, hh, ww = x.shape
-        p = c.patch_size
-        if ch != c.in_channels or hh % p or ww % p:
-            raise ValueError(
-                f"latents {tuple(x.shape)} need {c.in_channels} channels and H, W divisible by {p}"
-            )
-        grid = (f, hh // p, ww // p)
-        tokens = _patchify(x, p)  # (B, S, C p p)
-        seq = tokens.shape[1]
-        split = g.cp_size * (g.tp_size if g.sequence_parallel else 1)
-        if seq % split:
-            raise ValueError(f"{seq} tokens do not split evenly over cp x sp = {split} ranks")
-        cos, sin = rope_cos_sin(rope_angles(grid, c.rope_split, c.rope_base).to(x.device))
-        if g.cp_size > 1:  # this rank's contiguous chunk; gradients stay partial (summed later)
-            tokens = tokens.chunk(g.cp_size, dim=1)[g.cp_rank]
-            cos, sin = cos.chunk(g.cp_size)[g.cp_rank], sin.chunk(g.cp_size)[g.cp_rank]
-        h = self.patch_embed(tokens).transpose(0, 1)  # (S_local, B, h)
-
-        temb = self.timestep(t)  # (B, h)
-        t_mod = self.adaln(nn.functional.silu(temb)).view(b, 6, -1)  # (B, 6, h)
-        if short_lengths is None:
-            short_lengths = torch.full((b,), text_short.shape[1], device=x.device)
-        short = self.text_short(text_short)
-        long = self.text_long(text_long) if text_long is not None else None
-        if long is not None and long_lengths is None:
-            long_lengths = torch.full((b,), long.shape[1], device=x.device)
-        text, text_lengths = pack_text(short, short_lengths, long, long_lengths)
-        text = text.transpose(0, 1)  # (L, B, h)
-
-        if g.sequence_parallel:
-            h = parallel.scatter(h, g.tp, dim=0)
-            t_mod = parallel.all_reduce_grad(t_mod, g.tp)
-            temb = parallel.all_reduce_grad(temb, g.tp)
-        for layer in self.layers:
-            h = layer(h, t_mod, text, text_lengths, (cos, sin))
-
-        shift, scale = (self.final_table[None] + temb[:, None]).unsqueeze(0).unbind(2)
-        out = self.final_linear(self.final_norm(h) * (1 + scale) + shift)  # (S_local, B, C p p)
-        if g.sequence_parallel:
-            out = parallel.gather(out, g.tp, dim=0, reduce_grad=False)
-        if g.cp_size > 1:
-            out = parallel.gather(out, g.cp, dim=0, reduce_grad=False)
-        return _unpatchify(out.transpose(0, 1), grid, p, c.out_channels)
+        tokens, rope, grid = self.patchify(x)  # (B, S, C p p)
+        h, cond = self.embed(tokens, rope, t, text_short, short_lengths, text_long, long_lengths)
+        for layer in self.layers:  # h: (S, B, h)
+            h = layer(h, cond.t_mod, cond.text, cond.text_lengths, cond.rope)
+        return self.unpatchify(self.head(h, cond.temb), grid)
 
 
 def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -274,6 +361,16 @@ def _unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], p: int, c: int
     return x.reshape(b, c, f, gh * p, gw * p)
 
 
+def _materialize(model: nn.Module, device: str | torch.device) -> None:
+    """``to_empty`` that keeps the attributes megatron-core and ``parallel`` set on parameters
+    (``tensor_model_parallel``, ``partition_dim``, ``tp_partial_grad``, ...): a meta
+    parameter is replaced by a new ``Parameter`` object, which would drop them."""
+    marks = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        vars(p).update(marks[name])
+
+
 def build_dit(
     preset_or_config: str | DiTConfig,
     *,
@@ -283,21 +380,25 @@ def build_dit(
 ) -> DiT:
     """Build the DiT. ``device="meta"`` allocates nothing (for counting the 30B model).
 
-    The same ``seed`` gives the same full weights whatever the parallel layout: every rank
-    draws the full tensor on the CPU and keeps its slice.
+    The modules are built on the meta device and their weights drawn once on the CPU from a
+    local ``torch.Generator`` seeded with ``seed`` (the global RNG is neither used nor
+    reseeded). The same ``seed`` gives the same full weights whatever the parallel layout:
+    every rank draws the full tensors and keeps its slice. With ``groups``, the model is
+    also :func:`~step_infra.models.parallelize.parallelize`-d for them.
     """
     config = get_preset(preset_or_config)
-    torch.manual_seed(seed)
-    if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
-            model = DiT(config, groups)
-    else:
+    with torch.device("meta"):
         model = DiT(config, groups)
+    if device is None or torch.device(device).type != "meta":
+        _materialize(model, "cpu")
+        model.init_weights(torch.Generator().manual_seed(seed))
         if device is not None:
             model = model.to(device)
     if (groups is None or groups.tp_size == 1) and model.num_parameters() != dit_parameter_count(
         config
     ):
         raise AssertionError("parameter formula and module disagree; fix dit_parameter_count")
+    if groups is not None:
+        parallelize(model, groups)
     log.info("built DiT with %.3fB parameters", model.num_parameters() / 1e9)
     return model

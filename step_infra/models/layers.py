@@ -1,4 +1,5 @@
-"""Small pieces of the DiT outside attention: MLP, timestep embedding, text projections."""
+"""Small pieces of the DiT outside attention: MLP, timestep embedding, text projections, and
+the seeded initializers every part of the DiT uses (see ``DiT.init_weights``)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ class MLP(nn.Module):
             skip_bias_add=False,
             tp_group=groups.tp,
         )
+
+    def init_weights(self, generator: torch.Generator, *, std: float, out_std: float) -> None:
+        init_parallel_linear_(self.linear_fc1, std, generator)
+        init_parallel_linear_(self.linear_fc2, out_std, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, _ = self.linear_fc1(x)
@@ -124,9 +129,10 @@ def pack_text(
 
 
 class LocalLinear(nn.Module):
-    """Single-process stand-in for megatron-core's parallel linears (same signature, same
-    parameter names and initialization), used when ``torch.distributed`` is not initialized:
-    megatron-core's row-parallel linear then has no group to reduce over and refuses to run."""
+    """Stand-in for megatron-core's parallel linears (same signature, same parameter names and
+    initialization) when the tensor-parallel group has one rank: it needs no
+    ``torch.distributed``, whereas megatron-core's row-parallel linear wants a real group to
+    reduce over even then."""
 
     def __init__(
         self,
@@ -152,3 +158,35 @@ class LocalLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return F.linear(x, self.weight, self.bias), None
+
+
+def init_torch_linear_(linear: nn.Linear, generator: torch.Generator) -> None:
+    """``nn.Linear``'s own initialization, drawn from ``generator``: weight and bias uniform in
+    ``+-1/sqrt(fan_in)`` (``kaiming_uniform_(a=sqrt(5))`` reduces to that bound)."""
+    bound = 1 / math.sqrt(linear.in_features)
+    nn.init.uniform_(linear.weight, -bound, bound, generator=generator)
+    if linear.bias is not None:
+        nn.init.uniform_(linear.bias, -bound, bound, generator=generator)
+
+
+def init_parallel_linear_(linear: nn.Module, std: float, generator: torch.Generator) -> None:
+    """Normal(0, ``std``) weight and zero bias for :class:`LocalLinear` and megatron-core's
+    column/row-parallel linears alike.
+
+    As megatron-core's CPU initialization does, the full (master) weight is drawn and this rank
+    keeps its slice along the weight's ``partition_dim``; so one generator state gives the same
+    full weight whatever the tensor-parallel size.
+    """
+    weight = linear.weight
+    assert isinstance(weight, torch.Tensor)
+    full, dim, rank, size = list(weight.shape), 0, 0, 1
+    if getattr(weight, "tensor_model_parallel", False):
+        dim = int(weight.partition_dim)  # type: ignore[attr-defined]
+        group: Any = linear.tp_group  # megatron-core's linears keep their group
+        rank, size = int(group.rank()), int(group.size())
+        full[dim] *= size
+    master = torch.empty(full, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    with torch.no_grad():
+        weight.copy_(master.chunk(size, dim=dim)[rank])
+        if isinstance(linear.bias, torch.Tensor):
+            linear.bias.zero_()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from step_infra.topology import ProcessGrid, TorchGroups, new_torch_groups
+from step_infra.topology import ProcessGrid, new_torch_groups
 
 
 class SingleRankGroup:
@@ -70,29 +70,20 @@ class ParallelGroups:
         return cls(tp=one, cp=one, dp=one, pp=one)
 
     @classmethod
-    def from_torch(
-        cls, groups: TorchGroups, *, sequence_parallel: bool = False, cp_kind: str = "ulysses"
-    ) -> ParallelGroups:
-        if cp_kind not in ("ulysses", "ring"):
-            raise ValueError(f"cp_kind must be 'ulysses' or 'ring', got {cp_kind!r}")
-        if sequence_parallel and groups.grid.tp == 1:
-            sequence_parallel = False
-        return cls(
-            tp=groups.tp,
-            cp=groups.cp,
-            dp=groups.dp,
-            pp=groups.pp,
-            sequence_parallel=sequence_parallel,
-            cp_kind=cp_kind,
-        )
-
-    @classmethod
     def create(
         cls, grid: ProcessGrid, *, sequence_parallel: bool = False, cp_kind: str = "ulysses"
     ) -> ParallelGroups:
         """Create torch.distributed groups for ``grid`` (collective: call on every rank)."""
-        return cls.from_torch(
-            new_torch_groups(grid), sequence_parallel=sequence_parallel, cp_kind=cp_kind
+        if cp_kind not in ("ulysses", "ring"):
+            raise ValueError(f"cp_kind must be 'ulysses' or 'ring', got {cp_kind!r}")
+        mine = new_torch_groups(grid)
+        return cls(
+            tp=mine["tp"],
+            cp=mine["cp"],
+            dp=mine["dp"],
+            pp=mine["pp"],
+            sequence_parallel=sequence_parallel and grid.tp > 1,
+            cp_kind=cp_kind,
         )
 
 

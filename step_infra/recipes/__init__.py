@@ -6,14 +6,15 @@ command starts) does not pull in torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from step_infra.lazy import lazy_attribute
+
 _EXPORTS = {
-    "average_checkpoints": "step_infra.recipes.averaging",
-    "run_recipe": "step_infra.recipes.runner",
+    "average_checkpoints": "averaging",
+    "run_recipe": "runner",
     **{
-        name: "step_infra.recipes.stages"
+        name: "stages"
         for name in (
             "RecipeConfig",
             "StageConfig",
@@ -33,6 +34,4 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'step_infra.recipes' has no attribute {name!r}")
+    return lazy_attribute(__name__, _EXPORTS, name)

@@ -6,8 +6,9 @@ first use (PEP 562), so the CLI can import ``step_infra.rpc.cli`` without torch 
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from step_infra.lazy import lazy_attribute
 
 _EXPORTS = {
     "Item": "wire",
@@ -33,7 +34,4 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'step_infra.rpc' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"step_infra.rpc.{module}"), name)
+    return lazy_attribute(__name__, _EXPORTS, name)

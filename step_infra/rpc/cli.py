@@ -10,10 +10,9 @@ import os
 import secrets
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from step_infra.console import make_console
 
@@ -30,23 +29,18 @@ def registry(
     run_s: float = typer.Option(0.0, help="Stop after this many seconds (0: run until Ctrl-C)."),
 ) -> None:
     """Run the StepRPC registry (gRPC) and print its address and token."""
-    from step_infra.rpc.registry import Registry, RegistryConfig
+    from step_infra.rpc.registry import RegistryConfig, serve
 
     console = make_console()
     token = token or secrets.token_urlsafe(16)
-    reg = Registry(RegistryConfig(host=host, port=port, token=token, lease_s=lease_s))
-    console.print(f"registry listening on {reg.address}")
-    console.print(f"token {token}  (clients: STEP_TOKEN={token})")
-    sys.stdout.flush()
-    try:
-        if run_s > 0:
-            time.sleep(run_s)
-        else:
-            reg.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        reg.stop()
+
+    def listening(address: str) -> None:
+        console.print(f"registry listening on {address}")
+        console.print(f"token {token}  (clients: STEP_TOKEN={token})")
+        sys.stdout.flush()
+
+    config = RegistryConfig(host=host, port=port, token=token, lease_s=lease_s)
+    serve(config, run_s=run_s, on_listening=listening)
 
 
 @rpc_app.command()
@@ -54,12 +48,27 @@ def bench(
     json_path: str = typer.Option("", "--json", help="Write machine-readable results here."),
     quick: bool = typer.Option(False, help="Fewer items (smoke run)."),
 ) -> None:
-    """Run benchmarks/rpc_throughput.py (throughput, latency, spray balance)."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "rpc_throughput.py"
-    if not script.exists():
-        make_console().print(f"[red]benchmark script not found:[/] {script}")
+    """Run the StepRPC benchmark (throughput, latency, spray balance): step_infra.rpc.bench.
+
+    It runs as ``python -m step_infra.rpc.bench`` in a child process, so it works from an
+    installed package and its worker processes start from a plain interpreter."""
+    console = make_console()
+    try:
+        from step_infra.rpc.bench import missing_requirements
+    except ImportError as exc:
+        console.print(
+            f"[red]the StepRPC benchmark module cannot be imported[/] ({escape(str(exc))}); "
+            "reinstall step-infra (pip install --force-reinstall step-infra)"
+        )
+        raise typer.Exit(1) from exc
+    missing = missing_requirements()
+    if missing:
+        console.print(
+            f"[red]rpc bench needs {escape(', '.join(missing))}[/]: "
+            + escape("pip install 'step-infra[dev]' (or pip install flask msgpack)")
+        )
         raise typer.Exit(1)
-    cmd = [sys.executable, str(script)]
+    cmd = [sys.executable, "-m", "step_infra.rpc.bench"]
     if json_path:
         cmd += ["--json", json_path]
     if quick:

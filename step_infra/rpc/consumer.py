@@ -14,8 +14,11 @@ Nothing a producer sends is trusted: every message is checked against its schema
 (``messages.py``) and every size against ``max_item_bytes`` and the shapes it announces before
 anything is allocated; a refused message is counted and dropped, and a link that keeps sending
 them is closed (``guard.py``). Under a job token a link delivers nothing until its producer
-proved the token (``auth.py``). A large item whose bytes a broken lane lost keeps its place in
-the queue and is asked for again (``nack``): it arrives over zmq frames, still in order.
+proved the token (``auth.py``). A large item's bytes may come beside its header, over the
+link's bulk channel (``bulk.py``; picked once per link by ``bulk_consumer.py``: tcp lanes, UCX,
+or shared memory on the same host). A large item whose bytes a broken channel lost keeps its
+place in the queue and is asked for again (``nack``): it arrives over zmq frames, still in
+order.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import msgspec
 import zmq
 
 from step_infra.rpc import auth
+from step_infra.rpc.bulk import BulkReceiver, LinkChannel
+from step_infra.rpc.bulk_consumer import link_channel
 from step_infra.rpc.guard import PeerGuard
-from step_infra.rpc.lanes import LaneReceiver
 from step_infra.rpc.messages import (
     MAX_ACKS,
     MAX_CONTROL_BYTES,
@@ -53,7 +57,7 @@ from step_infra.rpc.security import client_options
 from step_infra.rpc.shm import ShmReader, select_endpoint
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import recv_bounded, transport_for
-from step_infra.rpc.ucx import UcxReceiver, ucx_unavailable
+from step_infra.rpc.ucx import ucx_unavailable
 from step_infra.rpc.wire import Item, WireError, check_flat, decode_item
 
 if TYPE_CHECKING:
@@ -134,12 +138,7 @@ class _Link:
 
     sock: zmq.Socket[bytes]
     address: str
-    host: str
-    shm: bool
-    lanes_wanted: int
-    ucx: bool
-    bulk: LaneReceiver | UcxReceiver | None = None
-    had_bulk: bool = False  # a bulk channel was open once (flat items may still be on the way)
+    channel: LinkChannel  # where large items' bytes arrive (shm, lanes, ucx or zmq frames)
     producer_nonce: bytes | None = None  # the challenge answered last
     nonce: bytes | None = None  # our half of that handshake
     session: auth.Session | None = None
@@ -162,7 +161,7 @@ class _LaneItem:
 
     header: ItemHeader
     total: int
-    lanes: LaneReceiver | UcxReceiver | None  # the link's bulk channel when the header came
+    lanes: BulkReceiver | None  # the link's bulk receiver when the header came
     arrived: float = field(default_factory=time.monotonic)
     nacked: bool = False
     resent: Item | None = None
@@ -233,19 +232,20 @@ class Consumer:
             options.update(client_options(self.config.curve_server_key))
         if target.startswith("ucx://") and self.config.transport != "ucx" and ucx_unavailable():
             target = "tcp://" + target.removeprefix("ucx://")  # no ucxx here: plain tcp
-        sock = transport_for(target).connect(self._ctx, target, self._ident, options)
-        tcp = target.startswith("tcp://") and not use_shm and not self.config.curve_server_key
-        link = _Link(
-            sock=sock,
-            address=target,
-            host=target.split("://", 1)[1].rsplit(":", 1)[0].strip("[]"),
+        transport = transport_for(target)
+        sock = transport.connect(self._ctx, target, self._ident, options)
+        channel = link_channel(
+            transport,
+            target,
+            pipe=self.pipe,
             shm=use_shm,
-            lanes_wanted=self.config.lanes if tcp else 0,
-            ucx=target.startswith("ucx://"),
+            encrypted=bool(self.config.curve_server_key),
+            lanes=self.config.lanes,
+            pool_keep=self._pool_keep,
+            max_item_bytes=self.config.max_item_bytes,
+            max_items=self._max_queued,
         )
-        if link.ucx:
-            link.bulk = UcxReceiver(link.host, self._pool_keep)
-            link.had_bulk = True
+        link = _Link(sock=sock, address=target, channel=channel)
         epoch = auth.address_epoch(address)
         self._links.append(link)
         self._link_of[sock] = link
@@ -363,8 +363,7 @@ class Consumer:
                 self._control(link, Bye())
         finally:
             for link in self._links:
-                if link.bulk is not None:
-                    link.bulk.close()
+                link.channel.close()
                 link.sock.close(linger=100)
             self._ctx.term()
             self._shm.close()
@@ -409,13 +408,14 @@ class Consumer:
             link.producer_nonce, link.nonce = producer_nonce, auth.nonce()
             pnonce, nonce = producer_nonce, link.nonce
             proof = auth.hello_proof(self._token, self.pipe, self._ident, pnonce, nonce)
+        ask = link.channel.ask()
         return Hello(
             group=self.group,
             credit=credit,
-            shm=link.shm,
+            shm=ask.shm,
             size=self.config.group_size,
-            lanes=link.lanes_wanted,
-            ucx=link.bulk.address if isinstance(link.bulk, UcxReceiver) else None,
+            lanes=ask.lanes,
+            ucx=ask.ucx,
             pnonce=pnonce,
             nonce=nonce,
             proof=proof,
@@ -445,9 +445,7 @@ class Consumer:
         self.stats.dropped_peers += 1
         self.stats.event("peer_dropped", link.address, reason)
         self._poller.unregister(link.sock)
-        if link.bulk is not None:
-            link.bulk.close()
-            link.bulk = None
+        link.channel.close()
         # what it queued and could not finish is lost with it (its producer still holds it)
         self._queue = deque(
             (lk, e) for lk, e in self._queue if lk is not link or isinstance(e, Item)
@@ -504,10 +502,7 @@ class Consumer:
         link.session = None
         held = sum(1 for lk, _ in self._queue if lk is link)
         credit = max(self.config.prefetch - held, 0)
-        if link.ucx:  # a new producer process: a fresh listener for its endpoint
-            if link.bulk is not None:
-                link.bulk.close()
-            link.bulk = UcxReceiver(link.host, self._pool_keep)
+        link.channel.restart()  # e.g. a fresh UCX listener for a new producer process
         self._control(link, self._hello(link, credit, who.nonce))
 
     def _on_welcome(self, link: _Link, msg: Welcome) -> None:
@@ -531,26 +526,11 @@ class Consumer:
         link.admitted = True
 
     def _open_lanes(self, link: _Link, offer: LanesOffer) -> None:
-        """The producer offered lanes: connect them (a failure leaves the link on zmq frames)."""
-        if link.lanes_wanted == 0 or link.ucx:
-            self._offend(link, "lanes offered on a link that asked for none")
-            return
-        if link.bulk is not None:
-            link.bulk.close()
-            link.bulk = None
-        try:
-            link.bulk = LaneReceiver(
-                link.host,
-                offer.port,
-                offer.token,
-                min(offer.n, link.lanes_wanted),
-                pool_keep=self._pool_keep,
-                max_item_bytes=self.config.max_item_bytes,
-                max_items=self._max_queued,
-            )
-            link.had_bulk = True
-        except OSError as exc:
-            log.warning("pipe %s: lanes offered but not connected (%s); using zmq", self.pipe, exc)
+        """The producer offered lanes: the link's channel connects them (a failure leaves the
+        link on zmq frames); a link that asked for none refuses them."""
+        refused = link.channel.offered(offer)
+        if refused is not None:
+            self._offend(link, refused)
 
     def _over_credit(self, link: _Link, header: ItemHeader) -> bool:
         """A producer that sends beyond the credit it was given would grow the queue without
@@ -570,7 +550,7 @@ class Consumer:
         try:
             item = decode_item(
                 frames,
-                shm=self._shm if link.shm else None,
+                shm=self._shm if link.channel.shm else None,
                 header=header,
                 max_bytes=self.config.max_item_bytes,
             )
@@ -593,29 +573,30 @@ class Consumer:
         try:
             if frames != 1:
                 raise WireError(f"{frames - 1} buffer frames with a flat payload")
-            if not link.had_bulk:
+            if not link.channel.had_receiver:
                 raise WireError("a flat payload on a link that never had a bulk channel")
             total = check_flat(header, self.config.max_item_bytes)
             assert total is not None
+            bulk = link.channel.receiver
             seen = self._seen.get(header.prod)
             if seen is not None and header.seq in seen:
                 self.stats.duplicates += 1
-                if link.bulk is not None and link.bulk.broken is None:
-                    link.bulk.discard(header.seq, total, header)
+                if bulk is not None and bulk.broken is None:
+                    bulk.discard(header.seq, total, header)
                 self._control(link, CreditMsg(n=1, acks=[header.seq]))
                 return
-            if link.bulk is not None and link.bulk.broken is None:
-                link.bulk.expect(header.seq, total, header)
+            if bulk is not None and bulk.broken is None:
+                bulk.expect(header.seq, total, header)
         except (WireError, ValueError) as exc:
             self._offend(link, f"item {header.seq}: {exc}")
             return
         self._link_of_producer[header.prod] = link
-        entry = _LaneItem(header=header, total=total, lanes=link.bulk)
+        entry = _LaneItem(header=header, total=total, lanes=bulk)
         self._queue.append((link, entry))
-        if link.bulk is None:
+        if bulk is None:
             self._nack(link, [entry], "no bulk channel on this link", lanes=0)
-        elif link.bulk.broken is not None:
-            self._lanes_failed(link, link.bulk.broken)
+        elif bulk.broken is not None:
+            self._lanes_failed(link, bulk.broken)
 
     @staticmethod
     def _awaiting_key(link: _Link, header: ItemHeader) -> tuple[int, str, int]:
@@ -639,15 +620,13 @@ class Consumer:
         """The link's bulk channel broke: close it, ask again for every item it still owed
         and for fresh lanes."""
         self.stats.event("lane_failed", link.address, reason)
-        if link.bulk is not None:
-            link.bulk.close()
-            link.bulk = None
+        lanes = link.channel.broke()  # closes it; the fresh lanes to ask for (none over ucx)
         owed = [
             e
             for lk, e in self._queue
             if lk is link and isinstance(e, _LaneItem) and not e.nacked and e.resent is None
         ]
-        self._nack(link, owed, reason, lanes=0 if link.ucx else link.lanes_wanted)
+        self._nack(link, owed, reason, lanes=lanes)
 
     def _take_lane_item(self, link: _Link, entry: _LaneItem, deadline: float | None) -> Item | None:
         """Wait (heartbeating) for a lane item's bytes; ``None``: not yet, or dropped."""

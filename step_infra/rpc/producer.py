@@ -8,6 +8,8 @@ each item to every group. The producer keeps every item until all members of its
 acknowledged it and blocks in :meth:`Producer.send` while unacknowledged bytes exceed
 ``max_inflight_bytes`` (backpressure). A member whose lease expires is dropped; if its group
 is left empty, that group's unacknowledged items are re-sprayed to the other groups.
+Each member's items leave through its bulk channel (``bulk.py``; picked once, from its hello,
+by ``bulk_producer.py``): shared memory, tcp lanes, UCX or plain zmq frames.
 The zmq socket is used only on the caller's thread (zmq sockets are not thread-safe); the
 bulk channels' own threads (tcp lanes) touch only their plain sockets. So there is no
 background keep-alive: an idle producer must call :meth:`Producer.poll` (say every second),
@@ -20,21 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 import zmq
 
 from step_infra.rpc import auth
+from step_infra.rpc.bulk import BulkChannel, Outgoing
+from step_infra.rpc.bulk_producer import ProducerBulk
 from step_infra.rpc.guard import PeerGuard
-from step_infra.rpc.lanes import LaneListener, LaneSender
 from step_infra.rpc.messages import (
     MAX_CONTROL_BYTES,
     MAX_CREDIT,
@@ -42,7 +43,6 @@ from step_infra.rpc.messages import (
     Bye,
     CreditMsg,
     Hello,
-    LanesOffer,
     Nack,
     Welcome,
     Who,
@@ -50,17 +50,9 @@ from step_infra.rpc.messages import (
     encode,
 )
 from step_infra.rpc.security import CurveKeys, server_options
-from step_infra.rpc.shm import Segment, ShmPool, shm_address, shm_available
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import Transport, make_transport, recv_bounded
-from step_infra.rpc.ucx import UcxSender, UcxWorker
-from step_infra.rpc.wire import (
-    encode_item,
-    frames_in_segment,
-    shm_bytes,
-    to_flat_frames,
-    to_shm_frames,
-)
+from step_infra.rpc.wire import encode_item
 
 if TYPE_CHECKING:
     from step_infra.rpc.registry import RegistryClient
@@ -133,22 +125,16 @@ class _Member:
     group: str
     credit: int
     last_seen: float
-    shm: bool = False
+    channel: BulkChannel  # how its items' bytes go (shm, lanes, ucx or zmq frames)
     group_size: int = 0  # members its group announced (0: unknown)
-    lane_token: bytes | None = None  # lanes offered, not all connected yet
-    lanes_offered: float = 0.0  # when (monotonic s)
-    bulk: LaneSender | UcxSender | None = None  # where large items' bytes go
     session: auth.Session | None = None  # set when the member proved the job token
 
 
 @dataclass(slots=True)
-class _Pending:
-    frames: list[Any]
-    nbytes: int
+class _Pending(Outgoing):
+    """An item not yet acknowledged by every member it went to."""
+
     waiting: dict[str, set[bytes]] = field(default_factory=dict)  # group -> members yet to ack
-    shm_frames: list[bytes] | None = None
-    segment: Segment | None = None
-    flat: tuple[bytes, list[memoryview], list[int], int] | None = None  # for bulk channels
 
 
 class Producer:
@@ -175,24 +161,15 @@ class Producer:
         if self.config.curve:
             options.update(server_options(self.config.curve))
         self._sock, self.address = tr.bind(self._ctx, self.config.host, self.config.port, options)
-        self._pool: ShmPool | None = None
-        if self.config.shm and shm_available():
-            # same-host consumers connect here and get payloads through shared memory
-            ipc = f"ipc://{tempfile.gettempdir()}/steprpc-{uuid.uuid4().hex[:12]}.sock"
-            self._sock.bind(ipc)
-            self._ipc_path = ipc.removeprefix("ipc://")
-            self.address = f"{self.address};{shm_address(ipc)}"
-            self._pool = ShmPool(max_bytes=self.config.max_inflight_bytes)
-        self._lanes: LaneListener | None = None
-        if self.config.lanes and self.config.curve is None and tr.name in ("tcp", "ucx"):
-            self._lanes = LaneListener(self.config.host)
-        self._ucx: UcxWorker | None = UcxWorker() if tr.name == "ucx" else None
+        self._bulk = ProducerBulk(pipe, self.config, tr, self._sock)
+        if self._bulk.shm_endpoint is not None:
+            self.address = f"{self.address};{self._bulk.shm_endpoint}"
+        self._memory = self._bulk.memory
         self._seq = start_seq
         self._members: dict[bytes, _Member] = {}
         self._pending: dict[int, _Pending] = {}
         self._resend: deque[int] = deque()
         self._inflight = 0
-        self._unsegmented = 0  # bytes of pending items held as their own buffers (no shm copy)
         self._rr = 0
         self.stats = PipeStats(pipe=pipe)
         self._token = auth.resolve_token(
@@ -226,7 +203,7 @@ class Producer:
         """Memory this producer holds for its items: the buffers of items without a shared-
         memory copy, plus every segment it has mapped (in use or kept for reuse). ``send``
         keeps it within ``max_inflight_bytes`` (plus the one item being sent)."""
-        return self._unsegmented + (self._pool.mapped_bytes if self._pool is not None else 0)
+        return self._memory.held_bytes
 
     @property
     def unacked(self) -> int:
@@ -266,12 +243,12 @@ class Producer:
             else time.monotonic() + self.config.send_timeout_s
         )
         while self.held_bytes > 0 and self.held_bytes + nbytes > self.config.max_inflight_bytes:
-            if self._pool is not None and self._pool.trim():
+            if self._memory.trim():
                 continue  # idle shared-memory segments were holding the room: let them go
             self._wait(deadline)
-        self._pending[seq] = _Pending(frames=frames, nbytes=nbytes)
+        pending = self._pending[seq] = _Pending(frames=frames, nbytes=nbytes)
         self._inflight += nbytes
-        self._unsegmented += nbytes
+        self._memory.hold(pending)
         self._resend.append(seq)
         self._pump(deadline, keep=self.config.queue_items)
         return seq
@@ -292,17 +269,10 @@ class Producer:
     def close(self) -> None:
         """Close the socket (unacknowledged items are lost with this process)."""
         for m in self._members.values():
-            self._release_lanes(m)
-        if self._lanes is not None:
-            self._lanes.close()
-        if self._ucx is not None:
-            self._ucx.close()
+            m.channel.close()
         self._sock.close(linger=0)
         self._ctx.term()
-        if self._pool is not None:
-            self._pool.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._ipc_path)
+        self._bulk.close()
 
     def __enter__(self) -> Producer:
         return self
@@ -345,23 +315,13 @@ class Producer:
             if pending is None:
                 continue
             unreachable: list[_Member] = []
+            big = pending.nbytes >= self.config.lane_min_bytes
             for group, members in targets.items():
                 pending.waiting[group] = set()
                 for m in members:
-                    big = pending.nbytes >= self.config.lane_min_bytes
-                    bulk = self._bulk_of(m) if big and not m.shm else None
-                    if m.shm:
-                        frames = self._shm_frames(pending)
-                    elif bulk is not None:
-                        frames = [self._flat(pending)[0]]
-                    else:
-                        frames = pending.frames
-                    if not self._send_item(m, frames):
+                    if not m.channel.send(seq, pending, big=big, out=partial(self._send_item, m)):
                         unreachable.append(m)
                         continue
-                    if bulk is not None:
-                        _, buffers, offsets, total = self._flat(pending)
-                        bulk.send(seq, buffers, offsets, total)
                     m.credit -= 1
                     pending.waiting[group].add(m.ident)
             if unreachable:
@@ -389,53 +349,14 @@ class Producer:
             return False
         return True
 
-    def _shm_frames(self, pending: _Pending) -> list[Any]:
-        if pending.shm_frames is None:
-            assert self._pool is not None, "a member announced shm on a producer without shm"
-            pending.segment = self._pool.acquire(shm_bytes(pending.frames))
-            pending.shm_frames = to_shm_frames(pending.frames, pending.segment)
-            # hold the bytes once: later sends (tcp members, resends) read the segment, and
-            # the caller's tensors can go (max_inflight_bytes counts each item once)
-            pending.frames = frames_in_segment(pending.frames, pending.segment)
-            pending.flat = None
-            self._unsegmented -= pending.nbytes
-        return pending.shm_frames
-
-    def _flat(self, pending: _Pending) -> tuple[bytes, list[memoryview], list[int], int]:
-        if pending.flat is None:
-            pending.flat = to_flat_frames(pending.frames)
-        return pending.flat
-
-    def _bulk_of(self, member: _Member) -> LaneSender | UcxSender | None:
-        """The member's bulk channel (ucx, or lanes once all connected); ``None``: zmq frames."""
-        if member.bulk is None and member.lane_token is not None and self._lanes is not None:
-            socks = self._lanes.take(member.lane_token)
-            if socks is not None:
-                member.bulk = LaneSender(socks)
-                member.lane_token = None
-        if member.bulk is not None and member.bulk.broken:
-            return None
-        return member.bulk
-
     def _forget(self, seq: int) -> None:
         pending = self._pending.pop(seq)
         self._inflight -= pending.nbytes
-        if pending.segment is None:
-            self._unsegmented -= pending.nbytes
-        if pending.segment is not None and self._pool is not None:
-            self._pool.release(pending.segment)
-
-    def _lanes_ready(self, member: _Member) -> bool:
-        """Whether a large item may go to ``member`` now: its lanes connected, none were
-        offered, or they did not connect within ``lane_wait_s`` (then zmq frames carry it)."""
-        if member.lane_token is None:
-            return True
-        self._bulk_of(member)  # takes the lanes once all of them connected
-        waited = time.monotonic() - member.lanes_offered
-        return member.lane_token is None or waited > self.config.lane_wait_s
+        self._memory.forget(pending)
 
     def _targets(self, big: bool = False) -> dict[str, list[_Member]] | None:
-        """Where the next item goes (``big``: it takes lanes where a member has them)."""
+        """Where the next item goes (``big``: members whose bulk channel is not ready yet, lanes
+        still connecting within ``lane_wait_s``, have no credit for it)."""
         by_group: dict[str, list[_Member]] = {}
         for m in self._members.values():
             by_group.setdefault(m.group, []).append(m)
@@ -445,7 +366,7 @@ class Producer:
         if not by_group:
             return None
         credit = {
-            g: min(m.credit if not big or self._lanes_ready(m) else 0 for m in ms)
+            g: min(m.credit if not big or m.channel.ready() else 0 for m in ms)
             for g, ms in by_group.items()
         }
         if self.config.mode == "broadcast":
@@ -558,28 +479,21 @@ class Producer:
             welcome = Welcome(
                 proof=auth.welcome_proof(self._token, self.pipe, ident, msg.pnonce, msg.nonce)
             )
-        shm = msg.shm and self._pool is not None
         if member is not None:
-            self._release_lanes(member)
-        member = _Member(
+            member.channel.close()
+        log.info("pipe %s: %r joined group %r", self.pipe, ident, msg.group)
+        # the welcome goes before anything else (a lanes offer, any item): the member checks it
+        self._send_control(ident, welcome)
+        channel = self._bulk.channel_for(ident, msg, partial(self._send_control, ident))
+        self._members[ident] = _Member(
             ident,
             msg.group,
             msg.credit,
             time.monotonic(),
-            shm,
+            channel,
             group_size=msg.size,
             session=session,
         )
-        self._members[ident] = member
-        log.info("pipe %s: %r joined group %r", self.pipe, ident, msg.group)
-        self._send_control(ident, welcome)  # before any item: the member checks it first
-        if self._ucx is not None and not shm and msg.ucx is not None:
-            try:
-                member.bulk = UcxSender(self._ucx, msg.ucx)
-            except Exception as exc:  # ucxx raises its own error types
-                log.warning("pipe %s: no ucx endpoint to %r (%s)", self.pipe, ident, exc)
-        elif not shm and msg.lanes > 0:
-            self._offer_lanes(member, msg.lanes)
 
     def _authenticate(
         self, ident: bytes, msg: Hello, member: _Member | None
@@ -612,32 +526,22 @@ class Producer:
             self._admitted.popitem(last=False)
         return auth.Session(self._token, self.pipe, ident, msg.pnonce, msg.nonce)
 
-    def _offer_lanes(self, member: _Member, wanted: int) -> None:
-        if self._lanes is None:
-            return
-        lanes = min(wanted, self.config.lanes)
-        member.lane_token = self._lanes.expect(lanes)
-        member.lanes_offered = time.monotonic()
-        self._send_control(
-            member.ident, LanesOffer(port=self._lanes.port, token=member.lane_token, n=lanes)
-        )
-
     def _on_nack(self, member: _Member, msg: Nack) -> None:
-        """The member lost these items' bytes (its lanes broke): send them again as zmq
-        frames, to this member only, and offer fresh lanes if it asks."""
+        """The member lost these items' bytes (its lanes broke): close its bulk channel, send
+        the items again as zmq frames, to this member only, then renew the channel (fresh
+        lanes if it asks)."""
         self.stats.event("nack", member.ident, msg.reason or "item bytes lost")
-        self._release_lanes(member)
+        member.channel.close()
+        out = partial(self._send_item, member)
         for seq in msg.seqs:
             pending = self._pending.get(seq)
             if pending is None or member.ident not in pending.waiting.get(member.group, ()):
                 continue  # acknowledged already, or never sent to this member
-            frames = self._shm_frames(pending) if member.shm else pending.frames
-            if not self._send_item(member, frames):
+            if not member.channel.resend(pending, out):
                 self._drop(member)
                 return
             self.stats.resent += 1
-        if msg.lanes and not member.shm:
-            self._offer_lanes(member, msg.lanes)
+        member.channel = member.channel.renew(msg.lanes)
 
     def _ack(self, seq: int, member: _Member) -> None:
         pending = self._pending.get(seq)
@@ -658,16 +562,8 @@ class Producer:
             log.warning("pipe %s: lease of %r expired", self.pipe, m.ident)
             self._drop(m)
 
-    def _release_lanes(self, member: _Member) -> None:
-        if member.bulk is not None:
-            member.bulk.close()
-            member.bulk = None
-        if member.lane_token is not None and self._lanes is not None:
-            self._lanes.forget(member.lane_token)
-            member.lane_token = None
-
     def _drop(self, member: _Member) -> None:
-        self._release_lanes(member)
+        member.channel.close()
         self._members.pop(member.ident, None)
         group_alive = any(m.group == member.group for m in self._members.values())
         resend: list[int] = []

@@ -13,6 +13,7 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -226,10 +227,18 @@ class RegistryClient:
         self._channel.close()
 
 
-def serve(config: RegistryConfig, *, run_s: float = 0.0) -> None:
-    """Run a registry until ``run_s`` seconds passed (0: until stopped or Ctrl-C)."""
+def serve(
+    config: RegistryConfig,
+    *,
+    run_s: float = 0.0,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Run a registry until ``run_s`` seconds passed (0: until stopped or Ctrl-C);
+    ``on_listening`` gets its address once it accepts connections."""
     reg = Registry(config)
     log.info("registry listening on %s", reg.address)
+    if on_listening is not None:
+        on_listening(reg.address)
     try:
         if run_s > 0:
             time.sleep(run_s)

@@ -5,8 +5,12 @@ producer, consumers address it) and a consumer's DEALER (one per producer it rea
 credits and acks reach the right producer). ``tcp`` works across hosts (large items' bytes
 take parallel lanes, ``lanes.py``); ``ipc`` (a Unix socket, same host only) skips the TCP
 stack; ``ucx`` is tcp for control and headers plus UCX for large items' bytes (``ucx.py``).
-Same-host shared memory (``shm.py``) rides on ``ipc``. Sockets never drop silently (HWM 0: credits bound
-what is queued) and close with ``linger=0``.
+Same-host shared memory (``shm.py``) rides on ``ipc``. Sockets never drop silently (HWM 0:
+credits bound what is queued) and close with ``linger=0``.
+
+Each transport also names the bulk channels that may carry its links' large items
+(:attr:`Transport.bulk`, preferred first): the producer's and the consumer's channel factories
+(``bulk_producer.py``, ``bulk_consumer.py``) read that instead of the transport's name.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import zmq
+
+# bulk channels a link's large items may take besides zmq frames (see bulk.py)
+BulkKind = Literal["lanes", "ucx"]
 
 
 class Transport(Protocol):
@@ -27,6 +34,12 @@ class Transport(Protocol):
     @property
     def name(self) -> str:
         """The transport's name (``tcp``, ``ipc``, ``ucx``)."""
+        ...
+
+    @property
+    def bulk(self) -> tuple[BulkKind, ...]:
+        """Bulk channels that can reach this transport's peers, preferred first (empty: every
+        byte as zmq frames)."""
         ...
 
     def bind(
@@ -88,6 +101,7 @@ class TcpTransport:
     """pyzmq over TCP with zero-copy frames."""
 
     name: str = "tcp"
+    bulk: tuple[BulkKind, ...] = ("lanes",)  # plain TCP reaches wherever zmq tcp does
 
     def bind(
         self,
@@ -118,6 +132,7 @@ class IpcTransport:
     """pyzmq over a Unix-domain socket: same host only."""
 
     name: str = "ipc"
+    bulk: tuple[BulkKind, ...] = ()  # same host: shm (shm.py) rides on it, not a bulk channel
 
     def bind(
         self,
@@ -150,6 +165,7 @@ class UcxTransport:
     Making it raises ``ValueError`` naming the package when ucxx cannot load."""
 
     name: str = "ucx"
+    bulk: tuple[BulkKind, ...] = ("ucx", "lanes")  # lanes: members without ucxx connect as tcp
 
     def __post_init__(self) -> None:
         from step_infra.rpc.ucx import require_ucx

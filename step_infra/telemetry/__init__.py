@@ -13,8 +13,9 @@ names below load their module on first use (PEP 562), so ``step-infra --help`` c
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from step_infra.lazy import lazy_attribute
 
 _EXPORTS = {
     "Detection": "detector",
@@ -41,7 +42,4 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'step_infra.telemetry' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"step_infra.telemetry.{module}"), name)
+    return lazy_attribute(__name__, _EXPORTS, name)

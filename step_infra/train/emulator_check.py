@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from step_infra.emulator.hwprobe import collect_rank_outputs, free_port
 
 if TYPE_CHECKING:
     from step_infra.models.parallel import ParallelGroups
@@ -143,12 +144,6 @@ def _worker(argv: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure_layout(tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24) -> float:
     """Median step seconds of the tiny DiT with ``tp x dp`` ranks (in-process when 1)."""
     if tp * dp == 1:
@@ -157,7 +152,7 @@ def measure_layout(tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24)
         return time_steps(
             groups=ParallelGroups.single(), dp_rank=0, cfg=cfg, text_tokens=text_tokens
         )
-    world, port = tp * dp, _free_port()
+    world, port = tp * dp, free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
     args = [str(port), str(tp), str(dp), json.dumps(dataclasses.asdict(cfg)), str(text_tokens)]
     procs = [
@@ -170,18 +165,7 @@ def measure_layout(tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24)
         )
         for r in range(world)
     ]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=cfg.timeout_s)
-            if p.returncode:
-                raise RuntimeError(f"local check rank exited {p.returncode}: {err.strip()[-600:]}")
-            outs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outs = collect_rank_outputs(procs, timeout_s=cfg.timeout_s, what="local check rank")
     return float(json.loads(outs[0].strip().splitlines()[-1])["step_s"])
 
 

@@ -43,7 +43,7 @@ def test_every_stage_runs_and_writes_the_run_directory(tmp_path: Path) -> None:
         assert 0.0 <= results[key]["motion_acc"] <= 1.0
     assert set(results["turbo"]) >= {"teacher_50_steps_cfg", "student_8_steps_no_cfg"}
     config = tomllib.loads((tmp_path / "config.toml").read_text())
-    assert config["dit_preset"] == "tiny-dit" and config["stages"]["4"]["kind"] == "dpo"
+    assert config["dit_preset"] == "tiny-dit" and config["stages"][4]["kind"] == "dpo"
     assert (tmp_path / "preference" / "pairs.jsonl").exists()
     assert list((tmp_path / "samples").glob("after_average-en-*.gif"))
     # The averaged model is the mean of the DPO checkpoints it names.

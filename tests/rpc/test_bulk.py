@@ -60,7 +60,7 @@ def _stream(transport: str, n: int, consumer_cfg: ConsumerConfig) -> tuple[list,
             prod.send(item, {"i": i})
             sent.append((i, _crc(item["latent"]), _crc(item["ids"]), str(item["empty"].shape)))
         th.join(30)
-        bulk = [type(m.bulk).__name__ for m in prod._members.values()]
+        bulk = [type(m.channel.sender).__name__ for m in prod._members.values()]
         cons.close()
         prod.flush(timeout_s=10)
     assert got == sent  # every item once, in order, bytes intact (checksums)
@@ -177,7 +177,7 @@ def test_lanes_that_break_mid_stream_lose_nothing_and_keep_the_order() -> None:
                 assert item is not None, f"timed out after {len(got)} items"
                 got.append((item.seq, _crc(item.tensors["latent"])))
                 if len(got) in (10, 25):  # cut every lane under the consumer's feet
-                    bulk = cons._links[0].bulk
+                    bulk = cons._links[0].channel.receiver
                     assert bulk is not None
                     for s in bulk._socks:  # type: ignore[union-attr]
                         s.shutdown(2)

@@ -8,8 +8,9 @@ phases: assets, prediction, encoder servers, elastic trainers, samples, report),
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from step_infra.lazy import lazy_attribute
 
 _EXPORTS = {
     "JobConfig": "config",
@@ -26,7 +27,4 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'step_infra.train.job' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"step_infra.train.job.{module}"), name)
+    return lazy_attribute(__name__, _EXPORTS, name)
