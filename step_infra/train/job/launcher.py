@@ -140,8 +140,19 @@ class TrainingJob:
         auto_split: bool = False,
         registry: str | None = None,
     ) -> None:
-        self.cfg = cfg
         self.run_dir = Path(run_dir)
+        # What the controller runs is part of the job's config (and of its config.toml);
+        # only the environment (the job token, the registry's address) is added at launch.
+        self.cfg = cfg.replace(
+            elastic=dataclasses.replace(
+                cfg.elastic,
+                run_dir=self.run_dir,
+                worker_args=WORKER,
+                slow=cfg.faults.slow,
+                steps_total=cfg.steps,
+                job_timeout_s=job_timeout_s,
+            )
+        )
         self.on_event = on_event
         self.job_timeout_s = job_timeout_s
         self.auto_split = auto_split
@@ -255,15 +266,8 @@ class TrainingJob:
 
     def train(self) -> ElasticResult:
         cfg, e = self.cfg, self.cfg.elastic
-        elastic_cfg = dataclasses.replace(
-            e,
-            run_dir=self.run_dir,
-            worker_args=WORKER,
-            slow=cfg.faults.slow,
-            steps_total=cfg.steps,
-            job_timeout_s=self.job_timeout_s,
-            extra_env={TOKEN_ENV: self.token, REGISTRY_ENV: self.registry, "OMP_NUM_THREADS": "1"},
-        )
+        env = {TOKEN_ENV: self.token, REGISTRY_ENV: self.registry, "OMP_NUM_THREADS": "1"}
+        elastic_cfg = dataclasses.replace(e, extra_env=env)
         grid = cfg.grid
         self.notify(
             "train",
