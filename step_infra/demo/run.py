@@ -122,6 +122,12 @@ def stage_train(out: Path, console: Console) -> dict[str, str]:
                 f"(events in {small_dir / 'events.jsonl'})"
             )
         runs.append(_encoder_run(starved, job_metrics(small_dir)))
+        stall = runs[-1]["data_stall_fraction"] or 0.0
+        if stall < 0.1:  # supply at half the demand must starve the trainers about half the time
+            raise DemoStageError(
+                f"the VAE supply at half the measured demand stalled the trainers only "
+                f"{stall:.1%} of the time (events in {small_dir / 'events.jsonl'})"
+            )
     (run_dir / "encoder_experiment.json").write_text(json.dumps({"runs": runs}, indent=2))
     for r in runs:
         console.print(

@@ -159,25 +159,18 @@ class ShmChannel:
         pass
 
 
-class UcxChannel:
-    """Large items' bytes over an endpoint to the member's UCX listener."""
+class _NetworkChannel:
+    """What the ucx and lane channels share: a sender of large items' bytes (once there is
+    one), re-sends as zmq frames, and fresh lanes or an endpoint after a failure."""
 
-    def __init__(
-        self, hub: ProducerBulk, sender: UcxSender, control: Callable[[Any], None]
-    ) -> None:
+    def __init__(self, hub: ProducerBulk, control: Callable[[Any], None]) -> None:
         self._hub = hub
-        self._sender: UcxSender | None = sender
         self._control = control
+        self._sender: BulkSender | None = None
 
     @property
     def sender(self) -> BulkSender | None:
         return self._sender
-
-    def ready(self) -> bool:
-        return True
-
-    def send(self, seq: int, item: Outgoing, *, big: bool, out: SendFrames) -> bool:
-        return _send_flat(seq, item, self._sender if big else None, out)
 
     def resend(self, item: Outgoing, out: SendFrames) -> bool:
         return out(item.frames)
@@ -192,7 +185,23 @@ class UcxChannel:
             self._sender = None
 
 
-class LaneChannel:
+class UcxChannel(_NetworkChannel):
+    """Large items' bytes over an endpoint to the member's UCX listener."""
+
+    def __init__(
+        self, hub: ProducerBulk, sender: UcxSender, control: Callable[[Any], None]
+    ) -> None:
+        super().__init__(hub, control)
+        self._sender = sender
+
+    def ready(self) -> bool:
+        return True
+
+    def send(self, seq: int, item: Outgoing, *, big: bool, out: SendFrames) -> bool:
+        return _send_flat(seq, item, self._sender if big else None, out)
+
+
+class LaneChannel(_NetworkChannel):
     """Large items' bytes over ``lanes`` plain TCP connections, offered when made. Until all
     of them connected, a large item waits up to ``wait_s`` for them, then goes as frames."""
 
@@ -204,20 +213,14 @@ class LaneChannel:
         wait_s: float,
         control: Callable[[Any], None],
     ) -> None:
-        self._hub = hub
+        super().__init__(hub, control)
         self._listener = listener
         self._wait_s = wait_s
-        self._control = control
-        self._sender: LaneSender | None = None
         self._token: bytes | None = listener.expect(lanes)  # offered, not all connected yet
         self._offered = time.monotonic()
         control(LanesOffer(port=listener.port, token=self._token, n=lanes))
 
-    @property
-    def sender(self) -> BulkSender | None:
-        return self._sender
-
-    def _take(self) -> LaneSender | None:
+    def _take(self) -> BulkSender | None:
         """The lanes' sender, once all of them connected."""
         if self._sender is None and self._token is not None:
             socks = self._listener.take(self._token)
@@ -235,17 +238,8 @@ class LaneChannel:
     def send(self, seq: int, item: Outgoing, *, big: bool, out: SendFrames) -> bool:
         return _send_flat(seq, item, self._take() if big else None, out)
 
-    def resend(self, item: Outgoing, out: SendFrames) -> bool:
-        return out(item.frames)
-
-    def renew(self, lanes: int) -> BulkChannel:
-        self.close()
-        return self._hub.network(lanes, self._control)
-
     def close(self) -> None:
-        if self._sender is not None:
-            self._sender.close()
-            self._sender = None
+        super().close()
         if self._token is not None:
             self._listener.forget(self._token)
             self._token = None
