@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(INSTALL_HASH)
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-all lint bench clean
+.PHONY: help venv demo test test-all lint bench gpu-check clean
 
 help:
 	@echo "make demo      the main job end to end on embedded defaults"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-all  adds tests marked slow"
 	@echo "make lint      ruff + mypy"
 	@echo "make bench     every benchmark in benchmarks/, JSON results in runs/bench/"
+	@echo "make gpu-check every GPU figure in one run (benchmarks/gpu_suite.py), JSON in runs/bench/"
 
 venv: $(STAMP)
 
@@ -54,6 +55,10 @@ bench: $(STAMP)
 		$(BIN)/python $$script --json runs/bench/$$name.json; \
 	done; \
 	if [ $$found = 0 ]; then echo "no benchmarks in benchmarks/ yet"; else echo "results in runs/bench/"; fi
+
+gpu-check: $(STAMP)
+	@mkdir -p runs/bench
+	$(BIN)/python benchmarks/gpu_suite.py --json runs/bench/gpu_suite.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
