@@ -432,9 +432,40 @@ def section_rpc(suite: Suite) -> None:
 
 
 def section_train(suite: Suite) -> None:
-    suite.row("train", "step-infra train on NCCL", "skipped: the streaming trainer runs on "
-              "CPU/gloo only (CUDA placement and NCCL not built yet)")  # fmt: skip
-    suite.results["train"] = {"skipped": "trainer not CUDA-capable yet"}
+    """``step-infra train``'s job on NCCL, one rank per GPU, killed once and resumed."""
+    import tempfile
+    from pathlib import Path
+
+    from step_infra.data.synthetic import SyntheticConfig
+    from step_infra.train.job.config import Faults, gpu_t2v
+    from step_infra.train.job.launcher import run_training_job
+    from step_infra.train.job.report import job_metrics
+
+    gpus = torch.cuda.device_count() if CUDA else 1
+    cfg = gpu_t2v(gpus)
+    if suite.dry:  # the same job on gloo, as small as it runs
+        cfg = cfg.replace(device="cpu", steps=8, vae_steps=5, checkpoint_every=3,
+                          data=SyntheticConfig(num_clips=64, frames=5, height=8, width=8),
+                          faults=Faults(kill="node0:5"), sample_prompts=1)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-train-") as tmp:
+        run_dir = Path(tmp) / cfg.name
+        result = run_training_job(cfg, run_dir, fresh=True, predict=False, sample=False,
+                                  report=False, job_timeout_s=300.0)  # fmt: skip
+        m = job_metrics(run_dir) if (run_dir / "events.jsonl").exists() else {}
+    restarts = [e for e in m.get("faults", []) if e.get("event") == "restart"]
+    audit = m.get("audit", {})
+    suite.results["train"] = {
+        "ok": result.ok, "reason": result.reason, "gpus": gpus, "device": cfg.device,
+        "layout": m.get("layout"), "measured_step_s": m.get("measured_step_s"),
+        "restarts": len(restarts), "exactly_once": audit.get("exactly_once"),
+        "wall_s": result.wall_s,
+    }  # fmt: skip
+    suite.row("train", f"step-infra train ({cfg.device}, {gpus} rank(s), {m.get('layout')})",
+              f"ok={result.ok} ({result.reason}); restarts {len(restarts)}; every sample once: "
+              f"{audit.get('exactly_once')}; step {m.get('measured_step_s')} s",
+              "completes, resumes after kill -9")  # fmt: skip
+    if gpus < 2:
+        suite.row("train", "tensor parallel on NCCL", "skipped: needs a second GPU")
 
 
 RUNNERS: dict[str, Callable[[Suite], None]] = {

@@ -79,6 +79,7 @@ class ElasticSession:
     events: EventLog
     heartbeat: Heartbeat
     checkpointer: Checkpointer
+    control_group: Any = None  # gloo: CPU tensors, beside the training backend
     # Called on every rank when a checkpoint of a step becomes durable; what it returns is
     # added to the ``checkpoint`` event (e.g. the streaming job acknowledges its items here).
     on_durable: Callable[[int], Mapping[str, Any]] | None = None
@@ -97,8 +98,11 @@ class ElasticSession:
         env = WorkerEnv.from_env()
         rank, world = dist.get_rank(), dist.get_world_size()
         accum = grad_accumulation(global_batch, micro_batch, world)
+        # small CPU-side agreements (this generation; the data stream's holders) go over a
+        # gloo group of their own, whatever backend (NCCL) the training collectives use
+        control = dist.new_group(backend="gloo")
         gen = torch.tensor([next_generation(env.run_dir) if rank == 0 else 0])
-        dist.broadcast(gen, src=0)
+        dist.broadcast(gen, src=0, group=control)
         generation = int(gen.item())
         return cls(
             env=env,
@@ -112,6 +116,7 @@ class ElasticSession:
             ),
             heartbeat=Heartbeat(env, generation=generation),
             checkpointer=Checkpointer(env.run_dir / CHECKPOINT_DIR),
+            control_group=control,
         )
 
     def load(self, state: dict[str, torch.Tensor]) -> int | None:

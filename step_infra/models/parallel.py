@@ -261,8 +261,9 @@ def clip_grad_norm(model: torch.nn.Module, groups: ParallelGroups | None, max_no
     ``max_norm <= 0``: measure only.
     """
     tp = groups.tp_size if groups is not None else 1
-    sharded = torch.zeros(1)
-    replicated = torch.zeros(1)
+    device = next((p.grad.device for p in model.parameters() if p.grad is not None), None)
+    sharded = torch.zeros(1, device=device)
+    replicated = torch.zeros(1, device=device)
     for p in model.parameters():
         if p.grad is None:
             continue

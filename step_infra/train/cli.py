@@ -14,7 +14,10 @@ from step_infra.console import make_console
 
 
 def train(
-    recipe: str = typer.Option("tiny-t2v", help="Training recipe: tiny-t2v or micro-t2v."),
+    recipe: str = typer.Option(
+        "tiny-t2v",
+        help="Training recipe: tiny-t2v, micro-t2v, or gpu-t2v (NCCL, one rank per GPU).",
+    ),
     plan: Annotated[
         Path | None,
         typer.Option(help="Strategy TOML from `step-infra plan` (layout, batch, encoder split)."),

@@ -75,3 +75,21 @@ def test_train_cli_refuses_the_planners_30b_plan_before_starting_anything(tmp_pa
     tiny_plan = Plan.load(path).replace(model=ModelRef(preset="tiny-dit"))
     with pytest.raises(ValueError, match="cannot run"):
         apply_plan(tiny_t2v(), tiny_plan)
+
+
+def test_gpu_recipe_runs_one_rank_per_gpu_and_a_cpu_host_says_so() -> None:
+    from step_infra.train.job.config import gpu_t2v
+    from step_infra.train.job.worker import job_device
+
+    for gpus, tp in ((1, 1), (2, 2), (4, 2), (3, 1)):
+        cfg = gpu_t2v(gpus)
+        assert (cfg.device, cfg.world_size, cfg.grid.tp) == ("cuda", gpus, tp)
+        assert cfg.grid.dp * cfg.grid.tp == gpus
+    with pytest.raises(ValueError, match="device='tpu'; expected 'cpu' or 'cuda'"):
+        tiny_t2v().replace(device="tpu")
+    assert job_device(tiny_t2v()).type == "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA device"):
+            job_device(gpu_t2v(1))

@@ -146,8 +146,13 @@ class JobConfig:
     sample_prompts: int = 4
     sample_steps: int = 20
     seed: int = 0
+    # "cpu": gloo, every rank on the host's cores. "cuda": NCCL, rank i on GPU i of its node
+    # (local rank), so a node may run at most as many ranks as it has GPUs.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}; expected 'cpu' or 'cuda'")
         s, e = self.strategy.check(), self.elastic
         s.refuse(TRAINER_RUNS, by="the streaming trainer (tp x dp only for now)")
         if e.nproc_per_node % s.tp:
@@ -252,7 +257,24 @@ def micro_t2v() -> JobConfig:
     )
 
 
-RECIPES: dict[str, Callable[[], JobConfig]] = {"tiny-t2v": tiny_t2v, "micro-t2v": micro_t2v}
+def gpu_t2v(gpus: int = 1) -> JobConfig:
+    """The GPU suite's job: micro-dit on NCCL, one node with one rank per GPU (tensor x data
+    parallel: tp 2 when there are two GPUs or more), a trainer killed (-9) at step 14 to show
+    the checkpoint and the resume. No hot spare (a second GPU node is rarely at hand)."""
+    tp = 2 if gpus >= 2 and gpus % 2 == 0 else 1
+    return micro_t2v().replace(
+        name="gpu-t2v",
+        device="cuda",
+        strategy=job_strategy(tp=tp, global_batch=8 * gpus, micro_batch=4),
+        elastic=job_elastic(nodes=1, nproc_per_node=gpus, spares=0),
+    )
+
+
+RECIPES: dict[str, Callable[[], JobConfig]] = {
+    "tiny-t2v": tiny_t2v,
+    "micro-t2v": micro_t2v,
+    "gpu-t2v": gpu_t2v,
+}
 
 
 def get_recipe(name: str) -> JobConfig:

@@ -70,8 +70,12 @@ def sample_generator(cfg: JobConfig, sample_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + sample_id)
 
 
-def _inputs(cfg: JobConfig, chunk: list[Sample]) -> dict[str, torch.Tensor]:
-    """A micro-batch: latents, per-sample time and noise, text with captions dropped."""
+def _inputs(
+    cfg: JobConfig, chunk: list[Sample], device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """A micro-batch on ``device``: latents, per-sample time and noise (drawn on the CPU from
+    the sample's generator, so they do not depend on the device), text with captions
+    dropped."""
     ts, eps, shorts, longs = [], [], [], []
     flow = FlowConfig()
     for s in chunk:
@@ -82,10 +86,10 @@ def _inputs(cfg: JobConfig, chunk: list[Sample]) -> dict[str, torch.Tensor]:
         short, long_ = s.tensors["text_short"], s.tensors["text_long"]
         shorts.append(torch.zeros(1, short.shape[1]) if drop else short)
         longs.append(torch.zeros(1, long_.shape[1]) if drop else long_)
-    text_short, short_lengths = pad_features(shorts)
-    text_long, long_lengths = pad_features(longs)
-    return {
-        "x0": torch.stack([s.tensors["latent"] for s in chunk]),
+    text_short, short_lengths = pad_features([r.cpu() for r in shorts])
+    text_long, long_lengths = pad_features([r.cpu() for r in longs])
+    batch = {
+        "x0": torch.stack([s.tensors["latent"].cpu() for s in chunk]),
         "t": torch.cat(ts),
         "eps": torch.stack(eps),
         "text_short": text_short,
@@ -93,14 +97,19 @@ def _inputs(cfg: JobConfig, chunk: list[Sample]) -> dict[str, torch.Tensor]:
         "text_long": text_long,
         "long_lengths": long_lengths,
     }
+    if device is None or device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _forward_backward(model: nn.Module, cfg: JobConfig, samples: list[Sample]) -> float:
+def _forward_backward(
+    model: nn.Module, cfg: JobConfig, samples: list[Sample], device: torch.device | None = None
+) -> float:
     """Sum of per-sample losses over ``samples``; gradients of ``sum / global_batch``."""
     total = 0.0
     mb = cfg.strategy.micro_batch
     for i in range(0, len(samples), mb):
-        b = _inputs(cfg, samples[i : i + mb])
+        b = _inputs(cfg, samples[i : i + mb], device)
         text = (b["text_short"], b["short_lengths"], b["text_long"], b["long_lengths"])
 
         def velocity(
@@ -122,6 +131,47 @@ def _forward_backward(model: nn.Module, cfg: JobConfig, samples: list[Sample]) -
     return total
 
 
+def job_device(cfg: JobConfig) -> torch.device:
+    """This rank's device: the CPU, or GPU ``LOCAL_RANK`` of its node (one rank per GPU)."""
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("the job's device is 'cuda' but torch sees no CUDA device here")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"local rank {local} but this node has {torch.cuda.device_count()} GPU(s): run at "
+            "most one rank per GPU (elastic.nproc_per_node)"
+        )
+    return torch.device("cuda", local)
+
+
+class _DeviceTimer:
+    """Seconds the device worked inside the block: CUDA events on a GPU (read after a
+    synchronize of the end event only), the thread's CPU time on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+
+    def __enter__(self) -> _DeviceTimer:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._cpu0 = time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000.0
+        else:
+            self.seconds = time.thread_time() - self._cpu0
+
+
 def learning_rate(cfg: JobConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
@@ -131,6 +181,7 @@ class Trainer:
     """Everything one rank holds while it trains."""
 
     cfg: JobConfig
+    device: torch.device
     session: ElasticSession
     groups: ParallelGroups
     replica: int
@@ -150,12 +201,13 @@ def setup(cfg: JobConfig) -> Trainer:
     from step_infra.rpc.registry import RegistryClient
 
     rank = dist.get_rank()
+    device = job_device(cfg)
     grid = cfg.strategy.grid(dist.get_world_size())
     # grad_accum here is only informational: replicas take as many samples as they hold.
     session = ElasticSession.begin(global_batch=cfg.global_batch, micro_batch=1)
     groups = ParallelGroups.create(grid)
     replica = grid.coords(rank)["dp"]
-    model = build_model(cfg, groups)
+    model = build_model(cfg, groups).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), foreach=False)
     state = state_dict(model, optimizer, -1, tp_rank=groups.tp_rank, tp_size=groups.tp_size)
     session.load(state)
@@ -175,13 +227,14 @@ def setup(cfg: JobConfig) -> Trainer:
         replica=replica,
         replica_of_rank=[grid.coords(r)["dp"] for r in range(grid.world_size)],
         position=session.start_step * cfg.global_batch,
+        group=session.control_group,  # the holders' masks are CPU tensors: gloo
     )
     # A durable checkpoint of a step covers its samples: acknowledge them to the producers.
     session.on_durable = lambda step: {"acknowledged": stream.commit((step + 1) * cfg.global_batch)}
     ledger_dir = session.env.run_dir / "ledger"
     ledger_dir.mkdir(exist_ok=True)
     ledger = (ledger_dir / f"g{session.generation}-r{rank}.jsonl").open("a")
-    return Trainer(cfg=cfg, session=session, groups=groups, replica=replica, model=model,
+    return Trainer(cfg=cfg, device=device, session=session, groups=groups, replica=replica, model=model,
                    optimizer=optimizer, state=state, stream=stream, consumer=consumer,
                    registry=registry, ledger=ledger)  # fmt: skip
 
@@ -198,13 +251,13 @@ def train_step(tr: Trainer, rec: Recorder, step: int) -> None:
         tr.ledger.flush()
     rec.record_section("data_wait_s", timing.stall_s)
     rec.record_section("batch_sync", timing.sync_s)
-    # "compute" is this rank's CPU time for its share: what CUDA events measure on a GPU
-    # (time the device worked), not time spent waiting for a core that the other processes
-    # of this shared host hold; wall-clock compute here varies +-40 %.
-    cpu0 = time.thread_time()
-    tr.optimizer.zero_grad(set_to_none=False)
-    local = _forward_backward(tr.model, cfg, samples)
-    busy = time.thread_time() - cpu0
+    # "compute" is the time the device worked on this rank's share: CUDA events on a GPU;
+    # on the CPU this rank's CPU time, not time spent waiting for a core that the other
+    # processes of this shared host hold (wall-clock compute here varies +-40 %).
+    with _DeviceTimer(tr.device) as timer:
+        tr.optimizer.zero_grad(set_to_none=False)
+        local = _forward_backward(tr.model, cfg, samples, tr.device)
+    busy = timer.seconds
     slow = session.env.slowdown(step)
     if slow > 1.0:  # fault injection: this node's device is `slow` times slower
         time.sleep(busy * (slow - 1.0))
@@ -212,7 +265,7 @@ def train_step(tr: Trainer, rec: Recorder, step: int) -> None:
         nominal = cfg.global_batch / groups.dp_size
         rec.record_section("compute", busy * slow * nominal / len(samples))
     session.at_collective(step)
-    loss_sum = torch.tensor([local])
+    loss_sum = torch.tensor([local], device=tr.device)
     for g in tr.optimizer.param_groups:
         g["lr"] = learning_rate(cfg, step)
     with rec.collective("grad_allreduce"):
@@ -230,7 +283,9 @@ def teardown(tr: Trainer) -> None:
     """The final checkpoint, the unsharded weights for sampling, then leave the pipe."""
     last = tr.cfg.steps - 1
     tr.session.final_checkpoint(last, tr.state)
-    full = gather_full_state(tr.model, tr.groups.tp, tr.groups.tp_size)
+    full = {
+        k: v.cpu() for k, v in gather_full_state(tr.model, tr.groups.tp, tr.groups.tp_size).items()
+    }
     if dist.get_rank() == 0:
         run_dir = tr.session.env.run_dir
         tmp = run_dir / f".{FULL_MODEL}.tmp"
@@ -247,8 +302,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     cfg = JobConfig.load(Path(os.environ[RUN_DIR_ENV]))
+    if cfg.device == "cuda":
+        torch.cuda.set_device(job_device(cfg))
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     tr = setup(cfg)
     with tr.session.recorder() as rec:
         for step in range(tr.session.start_step, cfg.steps):
