@@ -37,7 +37,7 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert doc["dry_run"] is True and "errors" not in doc, doc.get("errors")
+    assert doc["dry_run"] is True and "errors" not in doc, (doc.get("errors"), proc.stdout[-2000:])
     kernels = doc["kernels"]
     cases = {(r.get("case") or r.get("kernel"), r["dtype"]) for r in kernels}
     for dtype in ("float32", "float16"):
@@ -48,11 +48,16 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path: Path) -> None:
     assert "lse" in next(r for r in kernels if r.get("case") == "with LSE")["errors"]
     speed = doc["speed"]
     assert speed["attention"][0]["sdpa_fwd_tflops"] > 0 and len(speed["elementwise"]) == 3
+    tuned = speed["autotune"]  # every candidate timed (or its failure said), the best named
+    assert len(tuned["fwd_bwd_s"]) == 3 and tuned["best"] in tuned["fwd_bwd_s"]
     dit = doc["dit"]["rows"]
     assert [r["attention"] for r in dit] == ["ours", "sdpa"] and all(r["step_s"] > 0 for r in dit)
     assert doc["emulator"]["predicted_s"] > 0
     train = doc["train"]  # the streaming job end to end, on gloo here, killed once
-    assert train["ok"] and train["restarts"] >= 1 and train["exactly_once"], train
+    assert train["ok"] and train["restarts"] >= 1 and train["exactly_once"], (
+        train,
+        proc.stdout[-2000:],
+    )
     assert "rpc" in doc["seconds"]  # run, or said why not
     assert "GPU suite on cpu (dry run)" in proc.stdout
     assert "skipped: " in proc.stdout  # what the CPU lacks is named, not silently dropped

@@ -49,6 +49,7 @@ from step_infra.emulator.costmodel import (
     gemm_fill,
     ring_allreduce_terms,
 )
+from step_infra.emulator.specs import GPUSpec
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class ProbeConfig:
     gloo_reps: int = 100  # all-reduces per size: their mean is what a step's sum sees
     threads: int | None = None
     concurrent_ranks: int = 1
+    # where the GEMM and attention probes run: "cpu", or "cuda" (``calibrate_gpu``), and in
+    # which dtype ("float32" on a CPU; "bfloat16" as a GPU trains)
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.min_time_s <= 0:
@@ -98,24 +103,45 @@ def quick_config(*, gloo: bool = True, threads: int | None = None) -> ProbeConfi
     )
 
 
-def _time_calls(fns: list[Callable[[], object]], *, repeats: int, min_time_s: float) -> list[float]:
+def _time_calls(
+    fns: list[Callable[[], object]],
+    *,
+    repeats: int,
+    min_time_s: float,
+    sync: Callable[[], object] | None = None,
+) -> list[float]:
     """Median seconds per call of each function. Repeats go round-robin over the functions
     (each repeat runs a call enough times to last ``min_time_s``), so a burst of someone
-    else's load on a shared machine spoils one round of every shape, not every repeat of one."""
+    else's load on a shared machine spoils one round of every shape, not every repeat of one.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before and after each timed run, so
+    a device's queued work is inside the time."""
+    wait = sync or (lambda: None)
     inner = []
     for fn in fns:
         fn()  # warm up (allocations, kernel selection)
+        wait()
         t0 = time.perf_counter()
         fn()
+        wait()
         inner.append(max(1, math.ceil(min_time_s / max(time.perf_counter() - t0, 1e-7))))
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, n, out in zip(fns, inner, samples, strict=True):
+            wait()
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
+            wait()
             out.append((time.perf_counter() - t0) / n)
     return [statistics.median(out) for out in samples]
+
+
+def _placement(cfg: ProbeConfig) -> tuple[dict[str, Any], Callable[[], object] | None]:
+    """Tensor keywords for the probe's device and dtype, and the device's synchronize."""
+    import torch
+
+    kw = {"device": torch.device(cfg.device), "dtype": getattr(torch, cfg.dtype)}
+    return kw, (torch.cuda.synchronize if kw["device"].type == "cuda" else None)
 
 
 def _time_call(fn: Callable[[], object], *, repeats: int, min_time_s: float) -> float:
@@ -130,11 +156,12 @@ def measure_matmul(cfg: ProbeConfig) -> list[dict[str, float]]:
     the backward's transposed layouts too."""
     import torch
 
+    kw, sync = _placement(cfg)
     fns: list[Callable[[], object]] = []
     for d in cfg.gemm_dims:
-        x = torch.randn(cfg.gemm_tokens, d)
-        w = torch.randn(d, 4 * d)
-        dy = torch.randn(cfg.gemm_tokens, 4 * d)
+        x = torch.randn(cfg.gemm_tokens, d, **kw)
+        w = torch.randn(d, 4 * d, **kw)
+        dy = torch.randn(cfg.gemm_tokens, 4 * d, **kw)
 
         def triple(x: torch.Tensor = x, w: torch.Tensor = w, dy: torch.Tensor = dy) -> None:
             torch.matmul(x, w)
@@ -142,7 +169,7 @@ def measure_matmul(cfg: ProbeConfig) -> list[dict[str, float]]:
             torch.matmul(x.T, dy)
 
         fns.append(triple)
-    secs = _time_calls(fns, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    secs = _time_calls(fns, repeats=cfg.repeats, min_time_s=cfg.min_time_s, sync=sync)
     # the forward product's FLOPs; the backward's two products as the time model counts them
     fwd = [2.0 * cfg.gemm_tokens * d * 4 * d for d in cfg.gemm_dims]
     return [
@@ -158,12 +185,14 @@ def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
     import torch
     import torch.nn.functional as F
 
+    kw, sync = _placement(cfg)
     fns: list[Callable[[], object]] = []
     for s in cfg.attn_seqs:
         q, k, v = (
-            torch.randn(1, cfg.attn_heads, s, cfg.head_dim, requires_grad=True) for _ in range(3)
+            torch.randn(1, cfg.attn_heads, s, cfg.head_dim, requires_grad=True, **kw)
+            for _ in range(3)
         )
-        grad = torch.randn(1, cfg.attn_heads, s, cfg.head_dim)
+        grad = torch.randn(1, cfg.attn_heads, s, cfg.head_dim, **kw)
 
         def step(
             q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v, grad: torch.Tensor = grad
@@ -172,7 +201,7 @@ def measure_attention(cfg: ProbeConfig) -> list[dict[str, float]]:
             torch.autograd.grad(out, (q, k, v), grad)
 
         fns.append(step)
-    secs = _time_calls(fns, repeats=cfg.repeats, min_time_s=cfg.min_time_s)
+    secs = _time_calls(fns, repeats=cfg.repeats, min_time_s=cfg.min_time_s, sync=sync)
     fwd = [4.0 * cfg.attn_heads * s * s * cfg.head_dim for s in cfg.attn_seqs]
     return [
         {"seq": s, "head_dim": cfg.head_dim, "tflops": (1 + ATTN_BACKWARD_FACTOR) * f / sec / 1e12}
@@ -494,6 +523,40 @@ def attention_efficiency(rows: list[dict[str, float]], peak_tflops: float) -> fl
         r["tflops"] / peak_tflops / float(attention_fill(r["seq"], r["head_dim"])) for r in rows
     ]
     return float(statistics.median(effs))
+
+
+def gpu_probe_config() -> ProbeConfig:
+    """GEMM and attention shapes of a video DiT on one GPU, in bf16 (about 20 s on an H100)."""
+    return ProbeConfig(
+        gemm_dims=(512, 1024, 2048, 4096, 6144),
+        gemm_tokens=8192,
+        attn_seqs=(1024, 4096, 8192),
+        attn_heads=16,
+        head_dim=128,
+        repeats=5,
+        min_time_s=0.05,
+        gloo=False,
+        device="cuda",
+        dtype="bfloat16",
+    )
+
+
+def calibrate_gpu(gpu: GPUSpec, cfg: ProbeConfig | None = None) -> tuple[GPUSpec, dict[str, Any]]:
+    """``gpu`` (a datasheet preset) with its GEMM curve and attention efficiency fitted to
+    rates measured on this process's device: ``gemm_eff_max`` = fitted asymptote / datasheet
+    peak, ``gemm_half_dim``, ``attn_eff``. Returns the spec and the measured rows."""
+    cfg = cfg or gpu_probe_config()
+    gemm = measure_matmul(cfg)
+    attention = measure_attention(cfg)
+    rate_max, half_dim = fit_gemm_curve(gemm)
+    fitted = dataclasses.replace(
+        gpu,
+        gemm_eff_max=rate_max / gpu.peak_tflops_bf16,
+        gemm_half_dim=half_dim,
+        attn_eff=attention_efficiency(attention, gpu.peak_tflops_bf16),
+        source=f"{gpu.source}; GEMM and attention fitted on {cfg.device} ({cfg.dtype})",
+    )
+    return fitted, {"gemm": gemm, "attention": attention}
 
 
 def build_profile(

@@ -75,8 +75,10 @@ class LaneLink:
         pool_keep: int,
         max_item_bytes: int,
         max_items: int,
+        pin: bool = False,
     ) -> None:
         self._host = host
+        self._pin = pin
         self._lanes = lanes
         self._pipe = pipe
         self._pool_keep = pool_keep
@@ -112,6 +114,7 @@ class LaneLink:
                 pool_keep=self._pool_keep,
                 max_item_bytes=self._max_item_bytes,
                 max_items=self._max_items,
+                pin=self._pin,
             )
             self._had = True
         except OSError as exc:
@@ -183,10 +186,12 @@ def link_channel(
     pool_keep: int,
     max_item_bytes: int,
     max_items: int,
+    pin: bool = False,
 ) -> LinkChannel:
     """The channel of a link to ``address`` over ``transport``: shm when the endpoint is the
     producer's same-host one, else the transport's first bulk channel this link may use (lanes
-    are never used under CURVE, which they would bypass), else zmq frames."""
+    are never used under CURVE, which they would bypass), else zmq frames. ``pin``: lanes
+    receive into page-locked buffers (the consumer copies items to its CUDA device)."""
     if shm:
         return FramesLink(shm=True)
     host = address.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
@@ -201,5 +206,6 @@ def link_channel(
                 pool_keep=pool_keep,
                 max_item_bytes=max_item_bytes,
                 max_items=max_items,
+                pin=pin,
             )
     return FramesLink()

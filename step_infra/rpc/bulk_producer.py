@@ -34,6 +34,7 @@ from step_infra.rpc.bulk import BulkChannel, BulkSender, Outgoing, SendFrames
 from step_infra.rpc.lanes import LaneListener, LaneSender
 from step_infra.rpc.messages import Hello, LanesOffer
 from step_infra.rpc.shm import ShmPool, shm_address, shm_available
+from step_infra.rpc.staging import StagingPool
 from step_infra.rpc.ucx import UcxSender, UcxWorker
 from step_infra.rpc.wire import frames_in_segment, shm_bytes, to_shm_frames
 
@@ -48,17 +49,22 @@ log = logging.getLogger(__name__)
 
 class ItemMemory:
     """What the producer holds for its unacknowledged items: the buffers of items without a
-    shared-memory copy, plus every segment mapped (in use or kept for reuse). An item copied
-    to a segment lets the caller's buffers go, so each item is held once."""
+    shared-memory copy (the caller's tensors, or the pinned staging copies of its CUDA
+    tensors), plus every segment mapped (in use or kept for reuse), plus the idle staging
+    buffers kept for reuse. An item copied to a segment lets its other buffers go, so each
+    item is held once."""
 
-    def __init__(self, pool: ShmPool | None) -> None:
+    def __init__(self, pool: ShmPool | None, staging: StagingPool | None = None) -> None:
         self.pool = pool
+        self.staging = staging if staging is not None else StagingPool()
         self._unsegmented = 0  # bytes of items held as their own buffers (no shm copy)
 
     @property
     def held_bytes(self) -> int:
-        """Bytes held: item buffers plus mapped segments."""
-        return self._unsegmented + (self.pool.mapped_bytes if self.pool is not None else 0)
+        """Bytes held: item buffers plus mapped segments plus idle staging buffers (a staging
+        buffer in use is its item's bytes, counted once, as the item's)."""
+        segments = self.pool.mapped_bytes if self.pool is not None else 0
+        return self._unsegmented + segments + self.staging.idle_bytes
 
     def hold(self, item: Outgoing) -> None:
         """A new item's buffers are held until :meth:`forget`."""
@@ -85,8 +91,11 @@ class ItemMemory:
             self.pool.release(item.segment)
 
     def trim(self) -> bool:
-        """Unmap idle segments; whether that freed anything."""
-        return self.pool is not None and self.pool.trim() > 0
+        """Unmap idle segments and free idle staging buffers; whether that freed anything."""
+        freed = self.staging.trim()
+        if self.pool is not None:
+            freed += self.pool.trim()
+        return freed > 0
 
     def close(self) -> None:
         """Unmap and unlink every segment."""

@@ -19,6 +19,14 @@ link's bulk channel (``bulk.py``; picked once per link by ``bulk_consumer.py``: 
 or shared memory on the same host). A large item whose bytes a broken channel lost keeps its
 place in the queue and is asked for again (``nack``): it arrives over zmq frames, still in
 order.
+
+Tensors that were CUDA tensors on their producer (the header's ``devs``) are put on this
+process's current CUDA device by default (``ConsumerConfig.device``, rule in
+:func:`target_device`): copied host-to-device with ``non_blocking=True`` from the received
+buffer (lane buffers are pinned then; zmq frames and shm segments are pageable, and the CUDA
+driver stages those itself), and the streams synchronized before :meth:`Consumer.get` returns,
+so the receive buffer is never released or reused (the shm segment after the next take's
+acknowledgement, a lane buffer once no tensor refers to it) under a copy still running.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import torch
 import zmq
 
 from step_infra.rpc import auth
@@ -65,6 +74,59 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEVICE_MODES = ("auto", "cpu")  # besides an explicit "cuda" / "cuda:<index>"
+
+
+def _explicit_cuda(device: str) -> torch.device | None:
+    """``device`` as an explicit CUDA device (``None``: "auto" or "cpu"); raises ``ValueError``
+    for anything else."""
+    if device in DEVICE_MODES:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"device {device!r} is not a device; expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
+        ) from exc
+    if dev.type != "cuda":
+        raise ValueError(
+            f"device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:<index>' (tensors of "
+            "other devices arrive on the CPU)"
+        )
+    return dev
+
+
+def _cuda_usable() -> bool:
+    """Whether this process can put tensors on a CUDA device."""
+    bad_fork = getattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+    return bool(torch.cuda.is_available()) and not bad_fork()
+
+
+def target_device(
+    marked: str, config_device: str, cuda_available: bool, *, current_index: int = 0
+) -> torch.device:
+    """Where a received tensor goes: ``marked`` is where it was on its producer (``"cpu"`` or
+    ``"cuda"``, the header's ``devs``), ``config_device`` is ``ConsumerConfig.device``.
+
+    * ``"cpu"``: the CPU, always;
+    * ``"auto"``: a ``"cuda"`` tensor goes to the current CUDA device (``current_index``) when
+      CUDA is available, else stays on the CPU (the consumer warns once); CPU tensors stay;
+    * ``"cuda"`` or ``"cuda:<n>"``: every tensor goes there, marked or not (``"cuda"``: the
+      current device); raises ``ValueError`` when CUDA is not available.
+    """
+    explicit = _explicit_cuda(config_device)
+    if explicit is not None:
+        if not cuda_available:
+            raise ValueError(
+                f"ConsumerConfig.device {config_device!r} but CUDA is not available here; use "
+                "device='auto' (CUDA tensors stay on the CPU) or 'cpu'"
+            )
+        index = explicit.index if explicit.index is not None else current_index
+        return torch.device("cuda", index)
+    if config_device == "auto" and marked == "cuda" and cuda_available:
+        return torch.device("cuda", current_index)
+    return torch.device("cpu")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConsumerConfig:
@@ -94,6 +156,10 @@ class ConsumerConfig:
     max_item_bytes: int = 16 << 30
     # a producer link whose messages were refused this many times is closed (guard.py)
     max_offences: int = 8
+    # where tensors go (target_device): "auto" puts tensors its producer sent from a CUDA
+    # device on this process's current CUDA device (on the CPU, with a warning, without CUDA);
+    # "cpu" keeps everything on the CPU; "cuda"/"cuda:<n>" puts every tensor on that device
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.ack not in ("take", "manual"):
@@ -108,6 +174,7 @@ class ConsumerConfig:
             raise ValueError(f"max_item_bytes {self.max_item_bytes}; expected > 0")
         if self.max_offences < 1:
             raise ValueError(f"max_offences {self.max_offences}; expected >= 1")
+        _explicit_cuda(self.device)  # raises for a device string it cannot use
 
 
 class _Seen:
@@ -202,6 +269,18 @@ class Consumer:
         if registry is not None:
             registry.register(pipe=pipe, role="consumer", name=member, group=group)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        # CUDA is asked about only when tensors may go there (a "cpu" consumer never does);
+        # a process forked after its parent started CUDA (a DataLoader worker) cannot use it
+        self._cuda = self.config.device != "cpu" and _cuda_usable()
+        explicit = _explicit_cuda(self.config.device)
+        if explicit is not None:
+            target_device("cpu", self.config.device, self._cuda)  # raises without CUDA
+            if explicit.index is not None and explicit.index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"ConsumerConfig.device {self.config.device!r}: this process sees "
+                    f"{torch.cuda.device_count()} CUDA devices"
+                )
+        self._warned_no_cuda = False
         self._ident = f"{group}/{member}".encode()
         self._links: list[_Link] = []
         self._link_of: dict[zmq.Socket[bytes], _Link] = {}
@@ -244,6 +323,7 @@ class Consumer:
             pool_keep=self._pool_keep,
             max_item_bytes=self.config.max_item_bytes,
             max_items=self._max_queued,
+            pin=self._cuda,  # lane buffers page-locked: host-to-device copies without a bounce
         )
         link = _Link(sock=sock, address=target, channel=channel)
         epoch = auth.address_epoch(address)
@@ -349,11 +429,44 @@ class Consumer:
             break
         self.stats.wait_s += time.monotonic() - start
         self._queue.popleft()
+        item = self._place(item)
         self._taken = (link, item)
         self.stats.items += 1
         self.stats.bytes += item.nbytes
         self.stats.queue_depth = len(self._queue)
         return item
+
+    def _place(self, item: Item) -> Item:
+        """``item`` with its tensors on the devices :func:`target_device` names; the copies
+        finished (so its receive buffers may be reused as soon as it is acknowledged)."""
+        device = self.config.device
+        if device == "cpu" or (device == "auto" and "cuda" not in item.devices.values()):
+            return item  # nothing to move: CPU items cost one dict lookup
+        if not self._cuda:  # "auto" without CUDA (an explicit device was refused at start)
+            if not self._warned_no_cuda:
+                self._warned_no_cuda = True
+                log.warning(
+                    "pipe %s: producer %s sends CUDA tensors and CUDA is not available here; "
+                    "they arrive on the CPU (ConsumerConfig.device='cpu' says so quietly)",
+                    self.pipe,
+                    item.producer,
+                )
+            return item
+        current = torch.cuda.current_device()
+        moved: dict[str, torch.Tensor] = {}
+        used: set[torch.device] = set()
+        for name, t in item.tensors.items():
+            dev = target_device(item.devices.get(name, "cpu"), device, True, current_index=current)
+            if dev.type == "cpu":
+                moved[name] = t
+                continue
+            moved[name] = t.to(dev, non_blocking=True)  # from the receive buffer, no host copy
+            used.add(dev)
+        for dev in used:
+            # once per item: the receive buffer (shm segment, lane buffer, zmq frame) may be
+            # reused once this item is acknowledged, so no copy may still read it by then
+            torch.cuda.current_stream(dev).synchronize()
+        return replace(item, tensors=moved)
 
     def close(self) -> None:
         """Acknowledge the last item, say goodbye and close the sockets."""

@@ -2,7 +2,9 @@
 
 The consumer is built lazily inside ``__iter__`` (zmq sockets cannot cross a fork), so the
 dataset object itself is cheap to pickle into DataLoader workers; use ``num_workers=0`` or
-one consumer member per worker.
+one consumer member per worker. Tensors a producer sent from a CUDA device arrive on this
+process's CUDA device (``ConsumerConfig.device``); a DataLoader with worker processes should
+then use ``device="cpu"`` and move batches itself (CUDA does not cross a fork either).
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ class PipeDataset(IterableDataset[dict[str, Any]]):
             for n, item in enumerate(consumer):
                 if self.limit is not None and n >= self.limit:
                     break
-                out: dict[str, Any] = {k: t.clone() for k, t in item.tensors.items()}
+                # CPU tensors alias the consumer's receive buffers (reused after the next
+                # take): cloned. Tensors it put on a CUDA device are its own copies already.
+                out: dict[str, Any] = {
+                    k: t.clone() if t.device.type == "cpu" else t for k, t in item.tensors.items()
+                }
                 out["metadata"] = item.metadata
                 yield out
         finally:

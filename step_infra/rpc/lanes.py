@@ -289,10 +289,12 @@ class _Flat:
 class BufferPool:
     """Receive buffers reused once nothing references them any more (no page faults, no
     zeroing of fresh memory per item). A buffer is free when the pool holds the only reference:
-    tensors made from it keep it referenced until they are gone."""
+    tensors made from it keep it referenced until they are gone. ``pin``: page-locked buffers
+    (a consumer that puts tensors on its CUDA device copies from them without a bounce)."""
 
-    def __init__(self, keep: int = 8) -> None:
+    def __init__(self, keep: int = 8, *, pin: bool = False) -> None:
         self._keep = keep
+        self._pin = pin
         self._bufs: list[np.ndarray] = []
 
     def get(self, nbytes: int) -> np.ndarray:
@@ -301,7 +303,7 @@ class BufferPool:
             # references: the list, the loop variable and getrefcount's argument
             if nbytes <= buf.nbytes <= 2 * nbytes + (1 << 20) and sys.getrefcount(buf) <= 3:
                 return buf
-        buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+        buf = self._allocate(max(nbytes, 1))
         if len(self._bufs) < self._keep:
             self._bufs.append(buf)
         else:  # replace one that is free, if any, so the pool follows the item sizes
@@ -311,6 +313,13 @@ class BufferPool:
                     break
         return buf
 
+    def _allocate(self, nbytes: int) -> np.ndarray:
+        if not self._pin:
+            return np.empty(nbytes, dtype=np.uint8)
+        import torch  # only a consumer with a CUDA device asks for pinned buffers
+
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+
 
 class FlatAssembler:
     """Consumer side, shared by the bulk receivers: items' flat buffers filled by background
@@ -319,11 +328,16 @@ class FlatAssembler:
     (``ValueError``), never an allocation."""
 
     def __init__(
-        self, pool_keep: int = 8, *, max_bytes: int = 1 << 34, max_items: int = 64
+        self,
+        pool_keep: int = 8,
+        *,
+        max_bytes: int = 1 << 34,
+        max_items: int = 64,
+        pin: bool = False,
     ) -> None:
         self._cond = threading.Condition()
         self._items: dict[int, _Flat] = {}
-        self._pool = BufferPool(pool_keep)
+        self._pool = BufferPool(pool_keep, pin=pin)
         self._max_bytes = max_bytes
         self._max_items = max_items
         self.broken: str | None = None
@@ -407,8 +421,11 @@ class LaneReceiver:
         pool_keep: int = 8,
         max_item_bytes: int = 1 << 34,
         max_items: int = 64,
+        pin: bool = False,
     ) -> None:
-        self.assembler = FlatAssembler(pool_keep, max_bytes=max_item_bytes, max_items=max_items)
+        self.assembler = FlatAssembler(
+            pool_keep, max_bytes=max_item_bytes, max_items=max_items, pin=pin
+        )
         self._socks: list[socket.socket] = []
         try:
             for i in range(lanes):

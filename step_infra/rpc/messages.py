@@ -16,7 +16,7 @@ it was refused, which callers count against the peer (``guard.py``).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -45,6 +45,10 @@ Counter = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 Dim = Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]
 Shape = Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
 Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+# where a tensor was on its producer: host memory, or a CUDA device (the consumer's
+# ConsumerConfig.device decides where it goes; see consumer.target_device)
+DEVICE_KINDS = ("cpu", "cuda")
+DeviceKind = Literal["cpu", "cuda"]
 
 
 class _Message(msgspec.Struct, tag_field="k", omit_defaults=True):
@@ -124,7 +128,9 @@ class LanesOffer(_Message, tag="lanes"):
 class ItemHeader(_Message, tag="item"):
     """One item: names, dtypes and shapes of its tensors, and where their bytes are (buffer
     frames after the header; ``shm`` segment at ``offs``; or one ``flat`` payload of that
-    many bytes over a bulk channel, tensors at ``offs``)."""
+    many bytes over a bulk channel, tensors at ``offs``). ``devs``: per tensor, ``"cuda"`` when
+    it was a CUDA tensor on the producer (its bytes travel as host bytes all the same); absent
+    when every tensor was on the CPU, so such headers are what older peers send and read."""
 
     v: int
     pipe: Name
@@ -143,6 +149,7 @@ class ItemHeader(_Message, tag="item"):
     offs: Annotated[list[Offset], msgspec.Meta(max_length=MAX_TENSORS)] | None = None
     flat: Offset | None = None
     sizes: Annotated[list[Offset], msgspec.Meta(max_length=MAX_TENSORS)] | None = None
+    devs: Annotated[list[DeviceKind], msgspec.Meta(max_length=MAX_TENSORS)] | None = None
 
 
 ToProducer = Hello | CreditMsg | Ack | Nack | Bye

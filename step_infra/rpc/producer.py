@@ -15,7 +15,12 @@ bulk channels' own threads (tcp lanes) touch only their plain sockets. So there 
 background keep-alive: an idle producer must call :meth:`Producer.poll` (say every second),
 or its registry lease lapses and consumers' credits and acks wait (their queued heartbeats
 are read before their leases are judged, so consumers are not dropped for its idleness).
-CUDA tensors are copied to host memory before sending on every transport.
+CUDA tensors are copied to host memory before sending on every transport, through reused
+pinned staging buffers (``staging.py``: one stream synchronization per item, before any
+transport reads the bytes); the item header marks them, and a consumer puts them on its own
+CUDA device (``ConsumerConfig.device``). A staging buffer is reused only once nothing refers
+to its bytes any more (the item acknowledged, zmq and the lanes done with them), and while
+its item is in flight it counts in ``held_bytes`` as the item's bytes.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from step_infra.rpc.messages import (
     encode,
 )
 from step_infra.rpc.security import CurveKeys, server_options
+from step_infra.rpc.staging import StagingPool
 from step_infra.rpc.stats import PipeStats
 from step_infra.rpc.transport import Transport, make_transport, recv_bounded
 from step_infra.rpc.wire import encode_item
@@ -206,6 +212,12 @@ class Producer:
         return self._memory.held_bytes
 
     @property
+    def staging(self) -> StagingPool:
+        """The pinned host buffers CUDA tensors are copied through (``allocations`` counts
+        the buffers made; unused on a producer that is never given CUDA tensors)."""
+        return self._memory.staging
+
+    @property
     def unacked(self) -> int:
         """Number of items not yet acknowledged."""
         return len(self._pending)
@@ -233,9 +245,18 @@ class Producer:
         Items left queued go out from later ``send`` and ``poll`` calls."""
         seq = self._seq
         self._seq += 1
+        # CUDA tensors' bytes into a reused pinned buffer (and waited for): the frames' views
+        # hold it until the item is acknowledged and every transport let go of them
+        staged = self._memory.staging.stage(tensors)
         frames = encode_item(
-            pipe=self.pipe, producer=self.name, seq=seq, tensors=tensors, metadata=metadata
+            pipe=self.pipe,
+            producer=self.name,
+            seq=seq,
+            tensors=tensors,
+            metadata=metadata,
+            buffers=staged,
         )
+        del staged
         nbytes = sum(memoryview(f).nbytes for f in frames)
         deadline = (
             None

@@ -7,6 +7,12 @@ that pyzmq can send them with ``copy=False`` and the consumer can wrap them with
 checked against :class:`~step_infra.rpc.messages.ItemHeader` and every size against the shapes
 it announces, so a hostile or corrupt peer can at worst make :func:`decode_item` raise
 :class:`WireError`, which callers count and drop.
+
+CUDA tensors travel as host bytes too; the header's ``devs`` list says which tensors were on a
+CUDA device (omitted when none was, so CPU items are byte-for-byte what older peers send), and
+:attr:`Item.devices` hands that to the consumer, which decides where they go. The producer
+copies them to host through reused pinned buffers (``staging.py``) and passes those bytes in as
+``buffers``; without them :func:`tensor_buffer` falls back to ``tensor.cpu()``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import msgspec
 import torch
 
 from step_infra.rpc import messages
-from step_infra.rpc.messages import MAX_TENSORS, WIRE_VERSION, ItemHeader, encode
+from step_infra.rpc.messages import MAX_TENSORS, WIRE_VERSION, DeviceKind, ItemHeader, encode
 
 # Every dtype a tensor on the wire may have, by its wire name.
 _DTYPES: dict[str, torch.dtype] = {
@@ -61,6 +67,9 @@ class Item:
     seq: int
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # where each tensor was on its producer, "cpu" or "cuda" (empty: all on the CPU, as an
+    # older producer's items are); the consumer moves "cuda" ones per ConsumerConfig.device
+    devices: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -78,17 +87,28 @@ def supported_dtypes() -> tuple[torch.dtype, ...]:
     return tuple(_DTYPES.values())
 
 
+def device_kind(tensor: torch.Tensor) -> DeviceKind:
+    """The wire's name for where ``tensor`` lives: ``"cuda"`` for a CUDA tensor, else
+    ``"cpu"`` (other accelerators' tensors are sent, and arrive, as CPU tensors)."""
+    return "cuda" if tensor.is_cuda else "cpu"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _NAMES.get(dtype)
+    if name is None:
+        raise ValueError(
+            f"tensor dtype {dtype} is not supported on the wire; expected one of {sorted(_DTYPES)}"
+        )
+    return name
+
+
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     """A byte view of ``tensor`` (made contiguous, moved to CPU) without copying when possible."""
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    if t.dtype not in _NAMES:
-        raise ValueError(
-            f"tensor dtype {t.dtype} is not supported on the wire; expected one of "
-            f"{sorted(_DTYPES)}"
-        )
+    _dtype_name(t.dtype)  # raises for a dtype the wire does not carry
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
@@ -101,20 +121,32 @@ def encode_item(
     seq: int,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, Any] | None = None,
+    buffers: Mapping[str, memoryview] | None = None,
 ) -> list[bytes | memoryview]:
-    """Frames for one item: ``[header, buffer_0, buffer_1, ...]``; buffers are not copied."""
+    """Frames for one item: ``[header, buffer_0, buffer_1, ...]``; buffers are not copied.
+
+    ``buffers``: host bytes already made for some tensors, by name (the producer's staged
+    copies of its CUDA tensors); the others' bytes come from :func:`tensor_buffer`."""
     names: list[str] = []
     dtypes: list[str] = []
     shapes: list[list[int]] = []
-    buffers: list[bytes | memoryview] = []
+    devs: list[DeviceKind] = []
+    frames: list[bytes | memoryview] = []
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"item field {name!r} is a {type(tensor).__name__}; expected a tensor")
-        buf = tensor_buffer(tensor)
+        staged = buffers.get(str(name)) if buffers else None
+        if staged is not None and staged.nbytes != tensor.numel() * tensor.element_size():
+            raise ValueError(
+                f"staged buffer of {name!r} has {staged.nbytes} bytes; its tensor has "
+                f"{tensor.numel() * tensor.element_size()}"
+            )
+        buf = staged if staged is not None else tensor_buffer(tensor)
         names.append(str(name))
-        dtypes.append(_NAMES[tensor.dtype])
+        dtypes.append(_dtype_name(tensor.dtype))
         shapes.append(list(tensor.shape))
-        buffers.append(buf)
+        devs.append(device_kind(tensor))
+        frames.append(buf)
     header = ItemHeader(
         v=WIRE_VERSION,
         pipe=pipe,
@@ -124,6 +156,7 @@ def encode_item(
         dtypes=dtypes,
         shapes=shapes,
         meta=dict(metadata or {}),
+        devs=devs if "cuda" in devs else None,  # all on the CPU: the header older peers know
     )
     try:
         head = encode(header)
@@ -132,7 +165,7 @@ def encode_item(
             f"item metadata must be msgpack-serialisable (str/int/float/bool/bytes/list/dict): "
             f"{exc}"
         ) from exc
-    return [head, *buffers]
+    return [head, *frames]
 
 
 def decode_header(frame: bytes | memoryview) -> ItemHeader:
@@ -218,6 +251,8 @@ def item_bytes(header: ItemHeader) -> int:
             f"inconsistent tensor lists: {len(header.names)} names, {len(header.dtypes)} "
             f"dtypes, {len(header.shapes)} shapes"
         )
+    if header.devs is not None and len(header.devs) != len(header.names):
+        raise WireError(f"{len(header.devs)} devices for {len(header.names)} tensors")
     total = 0
     for name, dname, shape in zip(header.names, header.dtypes, header.shapes, strict=True):
         dtype = _DTYPES.get(dname)
@@ -318,6 +353,7 @@ def decode_item(
         seq=header.seq,
         tensors=tensors,
         metadata=header.meta,
+        devices=dict(zip(map(str, names), header.devs, strict=True)) if header.devs else {},
     )
 
 

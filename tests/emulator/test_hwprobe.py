@@ -165,3 +165,20 @@ def test_profile_reproduces_the_measured_rates_through_the_time_model(tmp_path: 
     for r in meas["attention"]:
         rate = attention_rate(cluster, np.array([float(r["seq"])]), r["head_dim"])
         assert rate[0] / 1e12 == pytest.approx(r["tflops"], rel=1e-3)
+
+
+def test_calibrate_gpu_fits_the_preset_to_rates_measured_on_the_probe_device() -> None:
+    """On a GPU it runs on CUDA in bf16 (``gpu_probe_config``); here the same code measures
+    the CPU, which is far below any datasheet: the fitted efficiencies must say so."""
+    from step_infra.emulator.hwprobe import ProbeConfig, calibrate_gpu
+    from step_infra.emulator.presets import get_gpu
+
+    preset = get_gpu("h100-sxm")
+    cfg = ProbeConfig(gemm_dims=(32, 64, 128), gemm_tokens=256, attn_seqs=(64, 128),
+                      attn_heads=2, head_dim=32, repeats=2, min_time_s=0.01, gloo=False)  # fmt: skip
+    fitted, rows = calibrate_gpu(preset, cfg)
+    assert len(rows["gemm"]) == 3 and len(rows["attention"]) == 2
+    assert 0 < fitted.gemm_eff_max < 0.05 and 0 < fitted.attn_eff < 0.05  # a CPU, not an H100
+    assert fitted.peak_tflops_bf16 == preset.peak_tflops_bf16 and "fitted on cpu" in fitted.source
+    top = max(r["tflops"] for r in rows["gemm"])
+    assert fitted.gemm_eff_max * preset.peak_tflops_bf16 >= 0.5 * top  # the asymptote of the fit
