@@ -63,7 +63,27 @@ class FramesLink:
         pass
 
 
-class LaneLink:
+class _NetworkLink:
+    """What the lane and ucx links share: a receiver of large items' bytes (or none yet),
+    never shared memory, and closing that receiver."""
+
+    _receiver: BulkReceiver | None
+
+    @property
+    def shm(self) -> bool:
+        return False
+
+    @property
+    def receiver(self) -> BulkReceiver | None:
+        return self._receiver
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+
+
+class LaneLink(_NetworkLink):
     """Asks for ``lanes`` tcp lanes in every hello and nack; connects each offer."""
 
     def __init__(
@@ -84,16 +104,8 @@ class LaneLink:
         self._pool_keep = pool_keep
         self._max_item_bytes = max_item_bytes
         self._max_items = max_items
-        self._receiver: LaneReceiver | None = None
+        self._receiver = None
         self._had = False
-
-    @property
-    def shm(self) -> bool:
-        return False
-
-    @property
-    def receiver(self) -> BulkReceiver | None:
-        return self._receiver
 
     @property
     def had_receiver(self) -> bool:
@@ -128,34 +140,22 @@ class LaneLink:
     def restart(self) -> None:
         pass  # the producer offers fresh lanes in answer to the new hello
 
-    def close(self) -> None:
-        if self._receiver is not None:
-            self._receiver.close()
-            self._receiver = None
 
-
-class UcxLink:
+class UcxLink(_NetworkLink):
     """A UCX listener the producer opens an endpoint to; its address goes in the hello."""
 
     def __init__(self, host: str, *, pool_keep: int) -> None:
         self._host = host
         self._pool_keep = pool_keep
-        self._receiver: UcxReceiver | None = UcxReceiver(host, pool_keep)
-
-    @property
-    def shm(self) -> bool:
-        return False
-
-    @property
-    def receiver(self) -> BulkReceiver | None:
-        return self._receiver
+        self._ucx: UcxReceiver | None = UcxReceiver(host, pool_keep)
+        self._receiver = self._ucx
 
     @property
     def had_receiver(self) -> bool:
         return True
 
     def ask(self) -> BulkAsk:
-        return BulkAsk(ucx=self._receiver.address if self._receiver is not None else None)
+        return BulkAsk(ucx=self._ucx.address if self._ucx is not None else None)
 
     def offered(self, offer: LanesOffer) -> str | None:
         return NOT_ASKED
@@ -167,12 +167,12 @@ class UcxLink:
     def restart(self) -> None:
         """A new producer process: a fresh listener for its endpoint."""
         self.close()
-        self._receiver = UcxReceiver(self._host, self._pool_keep)
+        self._ucx = UcxReceiver(self._host, self._pool_keep)
+        self._receiver = self._ucx
 
     def close(self) -> None:
-        if self._receiver is not None:
-            self._receiver.close()
-            self._receiver = None
+        super().close()
+        self._ucx = None
 
 
 def link_channel(
