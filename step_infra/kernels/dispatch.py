@@ -2,7 +2,8 @@
 
 Triton kernels on CUDA; on the CPU the PyTorch reference (SDPA, or an explicit softmax when
 masks or the log-sum-exp are asked for) by default, and the Triton kernels through the
-interpreter when ``backend="triton"`` is forced under ``TRITON_INTERPRET=1`` (tests).
+interpreter when ``backend="triton"`` is forced under ``TRITON_INTERPRET=1`` (tests). The
+same choice is made for the per-block backward that ring attention calls.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from typing import Literal
 
 import torch
 
-from step_infra.kernels.flash_attention import attention_reference, flash_attention_triton
+from step_infra.kernels.flash_attention import (
+    attention_block_backward_reference,
+    attention_reference,
+    flash_attention_block_backward_triton,
+    flash_attention_triton,
+)
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -51,3 +57,28 @@ def flash_attention(
         causal=causal,
         return_lse=return_lse,
     )
+
+
+def flash_attention_block_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` in fp32 of one K/V block of a larger attention (ring attention).
+
+    ``q``, ``dout`` ``[batch, seq_q, heads, head_dim]``; ``k``, ``v`` the block
+    ``[batch, seq_k, heads, head_dim]``; ``lse`` and ``delta = rowsum(dout * out)`` fp32
+    ``[batch, heads, seq_q]`` of the attention over *all* blocks, so that
+    ``P = exp(q k^T * scale - lse)`` is this block's share of the global softmax. No masks.
+    """
+    if choose_backend(q, backend) == "triton":
+        impl = flash_attention_block_backward_triton
+    else:
+        impl = attention_block_backward_reference
+    return impl(q, k, v, dout, lse, delta, softmax_scale=softmax_scale)

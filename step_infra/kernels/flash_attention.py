@@ -9,6 +9,12 @@ online in base 2 (``exp2``) with fp32 statistics; the backward recomputes probab
 the saved LSE in two kernels (dK/dV over key blocks, dQ over query blocks) so no atomics
 are needed.
 
+Ring attention needs two things from the backward: a gradient through the returned LSE
+(``d lse_i / d s_ij = p_ij``, so ``ds = p * (dp - delta + dlse)``: the same kernels with
+``delta - dlse``), and the backward of one K/V block against the *merged* LSE and delta of
+all blocks (:func:`flash_attention_block_backward_triton`), so that no rank ever holds more
+than one block's probabilities or the full K/V.
+
 Block sizes come from a table per GPU generation (compute capability), cached per process;
 they are not yet tuned with ``triton.autotune`` (no GPU has been available to tune on).
 Under ``TRITON_INTERPRET=1`` (CPU tests) one small fixed config is used.
@@ -364,32 +370,76 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):  # type: ignore[no-untyped-def, override]
         q, k, v, out, lse, lens = ctx.saved_tensors
-        if dlse is not None and torch.any(dlse != 0):
-            raise NotImplementedError("gradients through the returned LSE are not supported")
-        # one layout for Q/dO and one for K/V/dK/dV, as the kernels take one stride set each
-        q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
-        b, sq, h, d = q.shape
-        sk = k.shape[1]
-        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Sq)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        block_m, block_n, block_d, warps = _launch_meta(q)
-        common = (h, sq, sk, d, ctx.scale, ctx.scale * LOG2E)
-        meta = {
-            "HAS_KV_LEN": ctx.has_len,
-            "CAUSAL": ctx.causal,
-            "BLOCK_M": block_m,
-            "BLOCK_N": block_n,
-            "BLOCK_D": block_d,
-            "num_warps": warps,
-        }
-        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-        _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
-            q, k, v, dout, lse, delta, dk, dv, lens, *strides, *common, **meta
-        )
-        _bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
-            q, k, v, dout, lse, delta, dq, lens, *strides, *common, **meta
+        dout = dout.contiguous()
+        delta = _row_dot(dout, out)  # (B, H, Sq)
+        if dlse is not None:
+            # d lse_i / d s_ij = p_ij, so ds = p * (dp - delta + dlse): the same kernels with
+            # delta' = delta - dlse. Rows with every key masked have p = 0 and get nothing.
+            delta = delta - torch.where(torch.isinf(lse), 0.0, dlse.float())
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        _launch_backward(
+            q, k, v, dout, lse, delta, (dq, dk, dv), lens, ctx.scale, ctx.has_len, ctx.causal
         )
         return dq, dk, dv, None, None, None
+
+
+def _row_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``delta = rowsum(dO * O)`` in fp32, ``[b, s, h, d] -> [b, h, s]`` contiguous."""
+    return (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+
+
+def _launch_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    lens: torch.Tensor,
+    scale: float,
+    has_len: bool,
+    causal: bool,
+) -> None:
+    """Fill ``grads = (dq, dk, dv)`` (any float dtype, shaped as q, k, v) from the two kernels.
+
+    The kernels take one stride set for Q/dO/dQ and one for K/V/dK/dV, so all are made
+    contiguous here; ``lse``/``delta`` are fp32 ``[b, h, sq]``."""
+    q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
+    dq, dk, dv = grads
+    assert all(g.is_contiguous() for g in grads) and dq.shape == q.shape and dk.shape == k.shape
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    block_m, block_n, block_d, warps = _launch_meta(q)
+    common = (h, sq, sk, d, scale, scale * LOG2E)
+    meta = {
+        "HAS_KV_LEN": has_len,
+        "CAUSAL": causal,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_D": block_d,
+        "num_warps": warps,
+    }
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
+        q, k, v, dout, lse, delta, dk, dv, lens, *strides, *common, **meta
+    )
+    _bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
+        q, k, v, dout, lse, delta, dq, lens, *strides, *common, **meta
+    )
+
+
+def _check_block_backward(
+    q: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
+) -> None:
+    b, sq, h, _ = q.shape
+    if dout.shape != q.shape:
+        raise ValueError(f"dout {tuple(dout.shape)} must have q's shape {tuple(q.shape)}")
+    for name, t in (("lse", lse), ("delta", delta)):
+        if tuple(t.shape) != (b, h, sq):
+            raise ValueError(
+                f"{name} must be [batch, heads, seq_q] = {(b, h, sq)}, got {tuple(t.shape)}"
+            )
 
 
 def flash_attention_triton(
@@ -407,6 +457,34 @@ def flash_attention_triton(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = _FlashAttention.apply(q, k, v, scale, kv_lengths, causal)
     return (out, lse) if return_lse else out
+
+
+def flash_attention_block_backward_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one K/V block given the *global* ``lse`` and ``delta`` (ring attention).
+
+    ``P = exp(q k^T * scale - lse)`` is this block's share of the softmax over all blocks,
+    so summing the returned ``dq`` over blocks, and each block's ``dk``/``dv``, gives the
+    gradients of the whole attention. ``delta = rowsum(dO * O)`` of the merged output, fp32
+    ``[b, h, sq]`` like ``lse``. No masks: every key of the block is seen by every query.
+    Returned in fp32, the dtype ring attention accumulates blocks in.
+    """
+    _check(q, k, v, None)
+    _check_block_backward(q, dout, lse, delta)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    lse, delta = (t.float().contiguous() for t in (lse, delta))
+    grads = tuple(torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+    dq, dk, dv = grads
+    _launch_backward(q, k, v, dout, lse, delta, (dq, dk, dv), lse, scale, False, False)
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------- reference
@@ -438,6 +516,37 @@ def attention_reference(
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
     out = (probs @ vh.float()).to(q.dtype).transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def attention_block_backward_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch :func:`flash_attention_block_backward_triton`, in fp32 (or fp64 inputs'
+    dtype): ``ds = P * (dO V^T - delta)``, ``dq = ds K * scale``, ``dk = ds^T Q * scale``,
+    ``dv = P^T dO``."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must be [batch, seq, heads, head_dim] with k.shape == v.shape; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    _check_block_backward(q, dout, lse, delta)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh, doh = (t.transpose(1, 2).to(acc) for t in (q, k, v, dout))  # (B, H, S, D)
+    scores = (qh @ kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    probs = torch.exp(scores - lse.to(acc).unsqueeze(-1))
+    ds = probs * (doh @ vh.transpose(-1, -2) - delta.to(acc).unsqueeze(-1))
+    dq = (ds @ kh) * scale
+    dk = (ds.transpose(-1, -2) @ qh) * scale
+    dv = probs.transpose(-1, -2) @ doh
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 def _keep_mask(

@@ -5,7 +5,8 @@ split across ranks) and ``RowParallelLinear`` (output projection, all-reduce). T
 attention is this project's own module because megatron-core's ``DotProductAttention``
 needs CUDA; it calls :func:`step_infra.kernels.flash_attention` (Triton on GPU, SDPA on CPU).
 Context parallelism is a choice of core attention: Ulysses (all-to-all sequence <-> heads)
-or ring (every rank's K/V chunk attended in turn, partial results merged by log-sum-exp).
+or ring (K/V chunks passed rank to rank and attended in turn, partial results merged by
+log-sum-exp; :mod:`step_infra.models.ring_attention`, re-exported here).
 
 Layout inside the block is megatron's ``[seq, batch, hidden]``.
 """
@@ -23,6 +24,7 @@ from step_infra.kernels import flash_attention
 from step_infra.models import parallel
 from step_infra.models.layers import init_parallel_linear_
 from step_infra.models.parallel import ParallelGroups
+from step_infra.models.ring_attention import RingAttention as RingAttention  # re-exported
 from step_infra.models.rope import apply_rope
 
 
@@ -68,39 +70,6 @@ class UlyssesAttention(LocalAttention):
         assert isinstance(out, torch.Tensor)
         out = parallel.all_to_all(out.transpose(0, 1), cp, scatter_dim=0, gather_dim=2)
         return out.flatten(2)
-
-
-class RingAttention(LocalAttention):
-    """Context parallel by K/V exchange: queries stay, every rank's K/V chunk is attended in
-    turn and the partial outputs are merged with their log-sum-exp (numerically exact).
-
-    The chunks arrive by one all-gather here (gloo has no cheap ring send/recv overlap); the
-    per-chunk computation and LSE merge are those of ring attention.
-    """
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        cp = self.groups.cp
-        ks = parallel.gather(k, cp, dim=0, reduce_grad=True).chunk(cp.size(), dim=0)
-        vs = parallel.gather(v, cp, dim=0, reduce_grad=True).chunk(cp.size(), dim=0)
-        qb = q.transpose(0, 1)
-        outs, lses = [], []
-        for kc, vc in zip(ks, vs, strict=True):
-            o, lse = flash_attention(qb, kc.transpose(0, 1), vc.transpose(0, 1), return_lse=True)
-            outs.append(o.float())  # (B, S, H, D)
-            lses.append(lse)  # (B, H, S)
-        lse_all = torch.logsumexp(torch.stack(lses), dim=0)
-        out = sum(
-            o * torch.exp(lse - lse_all).transpose(1, 2)[..., None]
-            for o, lse in zip(outs, lses, strict=True)
-        )
-        assert isinstance(out, torch.Tensor)
-        return out.to(q.dtype).transpose(0, 1).flatten(2)
 
 
 @dataclass
@@ -191,7 +160,6 @@ class SelfAttention(nn.Module):
             init_method=mcore_config.init_method,
             bias=False,
             gather_output=False,
-            disable_grad_reduce=groups.sequence_parallel,
             tp_group=groups.tp,
         )
         self.q_norm, self.k_norm, self.core_attention, self.linear_proj = _build_norms_core_proj(
@@ -205,7 +173,9 @@ class SelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:  # x: (S, B, hidden), full sequence of this CP rank
+    ) -> torch.Tensor:  # x: (S', B, hidden), S' = S, or S / tp with sequence parallel
+        # The column linear returns this CP rank's full sequence S (gathered over TP with
+        # sequence parallel) for this TP rank's heads; the output projection returns x's S'.
         qkv, _ = self.linear_qkv(x)  # (S, B, heads_local * 3 * D)
         s, b = qkv.shape[:2]
         q, k, v = qkv.view(s, b, self.heads_local, 3, self.head_dim).unbind(3)
@@ -242,11 +212,11 @@ class CrossAttention(nn.Module):
             init_method=mcore_config.init_method,
             bias=False,
             gather_output=False,
-            disable_grad_reduce=groups.sequence_parallel,
             tp_group=groups.tp,
         )
-        # Text is replicated on every rank (never sequence-sharded): its own config without
-        # sequence parallel, so the input gradient is all-reduced over the TP group.
+        # Text is replicated on every rank (never sequence-sharded): megatron's column linear
+        # (``dit_layer_spec``) with its own config without sequence parallel, so the input
+        # gradient is all-reduced over the TP group.
         self.linear_kv = build_module(
             submodules.linear_kv,
             h,
@@ -269,8 +239,8 @@ class CrossAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, text: torch.Tensor, text_lengths: torch.Tensor | None
-    ) -> torch.Tensor:  # x: (S, B, hidden), text: (L, B, hidden)
-        q, _ = self.linear_q(x)
+    ) -> torch.Tensor:  # x: (S', B, hidden) as in SelfAttention, text: (L, B, hidden)
+        q, _ = self.linear_q(x)  # (S, B, heads_local * D), full sequence of this CP rank
         kv, _ = self.linear_kv(text)
         s, b = q.shape[:2]
         q = self.q_norm(q.view(s, b, self.heads_local, self.head_dim))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -29,7 +28,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
-from step_infra.models import parallel
 from step_infra.models.attention import (
     CrossAttention,
     CrossAttentionSubmodules,
@@ -52,6 +50,10 @@ from step_infra.models.layers import (
 from step_infra.models.parallel import ParallelGroups
 from step_infra.models.parallelize import parallelize
 from step_infra.models.rope import rope_angles, rope_cos_sin
+from step_infra.models.sequence_parallel import (
+    SequenceParallelColumnLinear,
+    SequenceParallelRowLinear,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,20 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin, each (S, 1, 1, head_dim)
 
 def dit_layer_spec(groups: ParallelGroups) -> ModuleSpec:
     """The block's parts, chosen from ``groups``: megatron-core's parallel linears when the
-    tensor-parallel group has several ranks, and the context-parallel core attention."""
+    tensor-parallel group has several ranks, the sequence-parallel ones
+    (:mod:`~step_infra.models.sequence_parallel`) with sequence parallelism, and the
+    context-parallel core attention.
+
+    With sequence parallelism the video tokens' linears gather the sequence on the way in and
+    reduce-scatter it on the way out; the cross-attention's ``linear_kv`` reads the text,
+    which every rank holds whole, so it stays megatron's column linear (its input gradient
+    all-reduced over the TP group)."""
     tensor_parallel = groups.tp_size > 1
     column: type = ColumnParallelLinear if tensor_parallel else LocalLinear
     row: type = RowParallelLinear if tensor_parallel else LocalLinear
+    text_column = column
+    if groups.sequence_parallel:
+        column, row = SequenceParallelColumnLinear, SequenceParallelRowLinear
     core: type = LocalAttention
     if groups.cp_size > 1:
         core = UlyssesAttention if groups.cp_kind == "ulysses" else RingAttention
@@ -84,7 +96,7 @@ def dit_layer_spec(groups: ParallelGroups) -> ModuleSpec:
                 module=CrossAttention,
                 submodules=CrossAttentionSubmodules(
                     linear_q=column,
-                    linear_kv=column,
+                    linear_kv=text_column,
                     q_norm=nn.RMSNorm,
                     k_norm=nn.RMSNorm,
                     core_attention=LocalAttention,
@@ -152,27 +164,23 @@ class DiTLayer(nn.Module):
         h = self.scale_shift_table.shape[1]
         nn.init.normal_(self.scale_shift_table, 0.0, h**-0.5, generator=generator)
 
-    def _sublayer(self, fn: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        if not self.groups.sequence_parallel:
-            return fn(x, *args)  # type: ignore[no-any-return]
-        full = parallel.gather(x, self.groups.tp, dim=0, reduce_grad=True)
-        return parallel.scatter(fn(full, *args), self.groups.tp, dim=0)
-
     def forward(
         self,
-        x: torch.Tensor,  # (S, B, h), S = this rank's tokens
+        x: torch.Tensor,  # (S, B, h), S = this rank's tokens (its 1/tp slice with SP)
         t_mod: torch.Tensor,  # (B, 6, h)
         text: torch.Tensor,  # (L, B, h)
         text_lengths: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],  # of this CP rank's tokens (all TP slices)
     ) -> torch.Tensor:
+        # The sublayers take and return x's layout; with sequence parallelism their first
+        # linear all-gathers the TP slices and their last reduce-scatters them back.
         mod = (self.scale_shift_table[None] + t_mod).unsqueeze(0)  # (1, B, 6, h)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
         y = self.norm1(x) * (1 + scale1) + shift1
-        x = x + gate1 * self._sublayer(self.self_attention, y, rope)
-        x = x + self._sublayer(self.cross_attention, self.norm2(x), text, text_lengths)
+        x = x + gate1 * self.self_attention(y, rope)
+        x = x + self.cross_attention(self.norm2(x), text, text_lengths)
         y = self.norm3(x) * (1 + scale2) + shift2
-        return x + gate2 * self._sublayer(self.mlp, y)
+        return x + gate2 * self.mlp(y)
 
 
 @dataclass(slots=True)
@@ -271,7 +279,7 @@ class DiT(nn.Module):
             use_cpu_initialization=True,  # init the full weight, then keep this rank's slice
             perform_initialization=True,  # also marks the TP weights (``partition_dim``, ...)
             params_dtype=torch.float32,
-            sequence_parallel=False,  # handled around the linears; see `parallel`
+            sequence_parallel=False,  # the SP linears are our own: see `sequence_parallel`
         )
         mcore.hidden_size = c.hidden_size  # type: ignore[attr-defined]
         mcore.init_method = lambda w: nn.init.normal_(w, 0.0, std)  # type: ignore[attr-defined]

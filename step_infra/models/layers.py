@@ -22,7 +22,8 @@ class MLPSubmodules:
 
 
 class MLP(nn.Module):
-    """GELU (tanh) feed-forward, column- then row-parallel."""
+    """GELU (tanh) feed-forward, column- then row-parallel. With sequence parallelism it
+    takes and returns this rank's sequence shard (the linears gather and reduce-scatter)."""
 
     def __init__(
         self,
@@ -42,7 +43,6 @@ class MLP(nn.Module):
             init_method=mcore_config.init_method,
             bias=True,
             gather_output=False,
-            disable_grad_reduce=groups.sequence_parallel,
             tp_group=groups.tp,
         )
         self.linear_fc2 = build_module(

@@ -56,8 +56,16 @@ class ParallelGroups:
         return int(self.dp.size())
 
     @property
+    def pp_size(self) -> int:
+        return int(self.pp.size())
+
+    @property
     def cp_rank(self) -> int:
         return int(self.cp.rank())
+
+    @property
+    def pp_rank(self) -> int:
+        return int(self.pp.rank())
 
     @property
     def tp_rank(self) -> int:
@@ -256,11 +264,13 @@ def clip_grad_norm(model: torch.nn.Module, groups: ParallelGroups | None, max_no
     """Clip gradients by their global norm; returns the norm before clipping.
 
     Tensor-parallel shards (``tensor_model_parallel``) hold different parts of a parameter:
-    their squares are summed over the TP group; replicated parameters are counted once. On
-    one rank (``groups`` None) this is ``torch.nn.utils.clip_grad_norm_``'s L2 clip.
-    ``max_norm <= 0``: measure only.
+    their squares are summed over the TP group; replicated parameters are counted once.
+    Pipeline ranks hold different parameters (``model`` is this rank's chunks): the squares
+    are then summed over the PP group. On one rank (``groups`` None) this is
+    ``torch.nn.utils.clip_grad_norm_``'s L2 clip. ``max_norm <= 0``: measure only.
     """
     tp = groups.tp_size if groups is not None else 1
+    pp = groups.pp_size if groups is not None else 1
     device = next((p.grad.device for p in model.parameters() if p.grad is not None), None)
     sharded = torch.zeros(1, device=device)
     replicated = torch.zeros(1, device=device)
@@ -275,7 +285,11 @@ def clip_grad_norm(model: torch.nn.Module, groups: ParallelGroups | None, max_no
     if tp > 1:
         assert groups is not None
         dist.all_reduce(sharded, group=groups.tp)
-    norm = float((sharded + replicated).sqrt())
+    total = sharded + replicated  # this stage's squared norm, the same on its TP ranks
+    if pp > 1:
+        assert groups is not None
+        dist.all_reduce(total, group=groups.pp)
+    norm = float(total.sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in model.parameters():

@@ -14,7 +14,8 @@ hooks the DiT's stages instead of changing their code:
   ``tp_partial_grad`` (summed over TP after backward).
 
 The blocks themselves need nothing here: they were built for the same groups (the core
-attention exchanges the CP chunks, the block gathers the SP slices around its sublayers).
+attention exchanges the CP chunks, the sequence-parallel linears gather the SP slices on
+the way into each sublayer and reduce-scatter them on the way out).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def _scatter_over_tp(
         t_mod=parallel.all_reduce_grad(cond.t_mod, tp),
         temb=parallel.all_reduce_grad(cond.temb, tp),
     )
-    return parallel.scatter(h, tp, dim=0), cond
+    # A dim-0 slice is a contiguous view (``.contiguous()`` does not copy it): clone it, or
+    # the first block's saved norm input would keep the whole (S, B, h) tensor alive.
+    return parallel.scatter(h, tp, dim=0).clone(), cond
 
 
 def _gather_tokens(
