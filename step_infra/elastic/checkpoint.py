@@ -11,7 +11,11 @@ for replicas and de-duplicate, so their keys carry the TP rank (``...@tp1of2``);
 parameters keep their name and are written once. A checkpoint therefore reloads on any number
 of data-parallel replicas with the same TP degree. AdamW's state is stored beside each
 parameter (other optimizers' state the same way, once it exists), and ``meta/step`` says
-which step the checkpoint ends; a streaming job derives its data position from it. Every
+which step the checkpoint ends; a streaming job derives its data position from it. A sharded
+optimizer (torch's ``ZeroRedundancyOptimizer``, :mod:`step_infra.train.zero`) contributes
+the state of the parameters this rank owns, under the same keys: each key is written by
+its one owner, and a load asks for the keys of the parameters the loading rank owns, so a
+checkpoint moves between replicated and sharded AdamW and between data-parallel sizes. Every
 elastic worker (the DiT job and the controller's toy job alike) saves and resumes through
 :class:`Checkpointer`, driven by :class:`~step_infra.elastic.session.ElasticSession`.
 """
@@ -28,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +59,27 @@ def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
                 }
 
 
+def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer holding this rank's state: ZeRO's local one (over the parameters this
+    rank owns), else ``optimizer`` itself. ZeRO's own ``state`` stays empty, so reading it
+    would silently checkpoint no optimizer state at all."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        return optimizer.optim
+    return optimizer
+
+
 def state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, step: int, *, tp_rank: int, tp_size: int
 ) -> dict[str, torch.Tensor]:
     """Flat ``name -> tensor`` view of model and optimizer (the live tensors: loading into it
-    restores in place)."""
-    init_adam_state(optimizer)
+    restores in place). With a sharded optimizer, only the state this rank owns."""
+    local = _local_optimizer(optimizer)
+    init_adam_state(local)
     out: dict[str, torch.Tensor] = {"meta/step": torch.tensor([step], dtype=torch.int64)}
     for name, p in model.named_parameters():
         key = _key(name, p, tp_rank, tp_size)
         out[f"model/{key}"] = p.data
-        for slot, value in optimizer.state[p].items():
+        for slot, value in local.state.get(p, {}).items():
             out[f"optim/{slot}/{key}"] = value
     return out
 

@@ -4,15 +4,19 @@ Every quantity is a numpy array with one entry per candidate, so ``search`` pric
 thousand layouts in one pass and ``estimate`` is the same code on a single row (they cannot
 disagree). Sources of the formulas:
 
-- activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+- activations, LM: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models", arXiv 2205.05198) eq. 1-2, with the ``5as/h`` score term removed
   because flash attention does not store scores, the MLP term generalized to any FFN width
-  and gated MLPs, and DiT extras (cross-attention, adaLN modulation outputs);
+  and gated MLPs; DiT: the tensors the project's block saves, kind by kind
+  (``counts.dit_activation_terms``, measured with ``step_infra.models.saved_tensors``);
 - in-flight micro-batches: 1F1B holds ``min(m, p)`` micro-batches on the first stage; the
   interleaved schedule ``(1 + (p - 1) / (p v))`` times that (Korthikanti et al. sec. 4.2.3);
 - optimizer: mixed-precision Adam, 2 (bf16 weights) + 4 (fp32 grads) + 12 (fp32 master, m, v)
   bytes per parameter, the 12 sharded over DP x CP by the distributed optimizer
-  (Megatron-LM ``distrib_optimizer.md``); plain fp32 training 4 + 4 + 8 (m, v);
+  (Megatron-LM ``distrib_optimizer.md``); plain fp32 training 4 + 4 + 8 (m, v); other state
+  layouts by ``ModelSpec.state_precision``. An LM's state shards evenly (Megatron's flat
+  buffer); a DiT's as the trainer's ZeRO-1 deals whole tensors (``counts.zero_max_shard``);
+  a DiT's embedding, adaLN and caption weights are whole on every TP rank;
 - element-wise passes: bytes counted op by op (``counts.elementwise_elements_per_token``) over
   the measured element-wise bandwidth; activations and activation messages in the model's
   dtype (``ModelSpec.dtype_bytes``);
@@ -26,14 +30,25 @@ disagree). Sources of the formulas:
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from step_infra.emulator.counts import (
+    ActivationTerm,
+    dit_activation_terms,
+    dit_checkpoint_term,
+    dit_outside_activation_terms,
+    dit_param_tensors,
     elementwise_elements_per_token,
     embedding_params,
+    embedding_tp_split,
     layer_matmul_params,
+    layer_replicated_params,
     layer_small_params,
     layer_text_params,
+    layer_tp_split_params,
+    zero_max_shard,
 )
 from step_infra.emulator.specs import ClusterSpec, ModelSpec
 
@@ -73,20 +88,56 @@ def layers_per_stage(model: ModelSpec, c: Columns) -> np.ndarray:
 
 
 def _params_per_gpu(model: ModelSpec, c: Columns) -> np.ndarray:
-    """Parameters held by the busiest pipeline stage's GPU (blocks + embedding/head)."""
-    per_layer = layer_matmul_params(model) + layer_text_params(model) + layer_small_params(model)
-    return layers_per_stage(model, c) * per_layer / c["tp"] + embedding_params(model) / c["tp"]
+    """Parameters held by the busiest pipeline stage's GPU (blocks + embedding/head): the
+    TP-split ones divided by ``tp``, the replicated ones (norms, row-parallel biases, a DiT's
+    embedding and adaLN weights) whole."""
+    split, whole = layer_tp_split_params(model), layer_replicated_params(model)
+    embedding = embedding_params(model) / np.where(embedding_tp_split(model), c["tp"], 1)
+    return layers_per_stage(model, c) * (split / c["tp"] + whole) + embedding
 
 
 def state_bytes_per_param(model: ModelSpec) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer states) bytes per parameter. Mixed precision (Megatron,
-    bf16): bf16 weights 2, fp32 main gradients 4, fp32 master weights + Adam m, v 12. Plain
-    fp32: weights 4, gradients 4, Adam m, v 8."""
-    return (4.0, 4.0, 8.0) if model.dtype == "fp32" else (2.0, 4.0, 12.0)
+    """(weights, gradients, optimizer states) bytes per parameter. Plain fp32: weights 4,
+    gradients 4, Adam m, v 8. bf16 by ``ModelSpec.state_precision``: ``"mixed"`` (Megatron)
+    bf16 weights 2, fp32 main gradients 4, fp32 master weights + Adam m, v 12; ``"fp32"``
+    (fp32 weights under bf16 compute) 4, 4, 8; ``"activation"`` (a model cast to bf16 and
+    torch's AdamW, whose m, v take the parameters' dtype) 2, 2, 4."""
+    if model.dtype == "fp32" or model.state_precision == "fp32":
+        return 4.0, 4.0, 8.0
+    if model.state_precision == "activation":
+        b = float(model.dtype_bytes)
+        return b, b, 2 * b
+    return 2.0, 4.0, 12.0
+
+
+def optimizer_shard_params(model: ModelSpec, c: Columns) -> np.ndarray:
+    """Parameters whose optimizer state the busiest rank holds. Without the distributed
+    optimizer: all of them. With it, an LM's state splits evenly over ``dp x cp``
+    (Megatron's flat buffer); a DiT's as the trainer's ZeRO-1 (``torch``'s
+    ``ZeroRedundancyOptimizer``) deals whole tensors, so a rank holds at least the largest
+    (the shared adaLN linear, ``6 h^2``)."""
+    params = _params_per_gpu(model, c)
+    n = c["dp"] * c["cp"]
+    even = params / np.where(c["dist_opt"] == 1, n, 1)
+    if model.kind == "lm":
+        return np.asarray(even, dtype=float)
+    layers = layers_per_stage(model, c)
+    shards = [
+        _zero_shard(model, int(tp), int(held), int(ranks)) if dist_opt == 1 else float(whole)
+        for tp, held, ranks, dist_opt, whole in np.broadcast(
+            c["tp"], layers, n, c["dist_opt"], params
+        )
+    ]
+    return np.reshape(np.asarray(shards, dtype=float), np.shape(even))
+
+
+@lru_cache(maxsize=4096)
+def _zero_shard(model: ModelSpec, tp: int, layers: int, ranks: int) -> float:
+    return float(zero_max_shard(dit_param_tensors(model, tp, layers), ranks))
 
 
 def _activation_coefficients(model: ModelSpec) -> tuple[float, float]:
-    """(replicated, tp-split) bytes per token per hidden unit of one block (Korthikanti
+    """LM: (replicated, tp-split) bytes per token per hidden unit of one block (Korthikanti
     eq. 2 without the score term). Replicated: norms' inputs, dropout masks (10); split:
     QKV/attention output (8) + MLP (``4 r``, gated ``6 r`` for ``r = ffn / h``). Korthikanti
     counts 2-byte activations; fp32 training stores twice as much."""
@@ -94,41 +145,103 @@ def _activation_coefficients(model: ModelSpec) -> tuple[float, float]:
     r = model.ffn / model.hidden
     split = 8.0 + (6.0 if model.gated_mlp else 4.0) * r
     rep = 10.0
-    if model.kind == "dit":
-        split += 9.0  # cross-attention q, output, projection input
-        rep += 6.0  # adaLN-modulated norm outputs and gates
     scale = model.dtype_bytes / 2.0
     return rep * scale, split * scale
+
+
+def term_bytes(model: ModelSpec, term: ActivationTerm, c: Columns) -> np.ndarray:
+    """Bytes of one :class:`~step_infra.emulator.counts.ActivationTerm` for one micro-batch
+    on one GPU: tokens are this CP rank's, text tokens and samples the micro-batch's."""
+    units = {
+        "token": c["mb"] * model.seq_len / c["cp"],
+        "text_token": c["mb"] * float(model.text_tokens),
+        "sample": c["mb"] * 1.0,
+    }[term.per]
+    ones = np.ones(np.shape(c["tp"]), dtype=int)
+    div: np.ndarray = {"tp": c["tp"], "sp": np.where(c["sp"] == 1, c["tp"], 1), "none": ones}[
+        term.split
+    ]
+    present = (c["mb"] > 1) if term.batched_only else True
+    return np.asarray(np.where(present, units * term.bytes / div, 0.0), dtype=float)
+
+
+def dit_layer_activation_kinds(
+    model: ModelSpec, c: Columns, *, recompute: int
+) -> dict[str, np.ndarray]:
+    """Bytes one DiT block keeps for one micro-batch, by kind: every term of
+    ``counts.dit_activation_terms`` (``recompute`` 0), without the GELU output (1,
+    selective), or only the checkpointed input (2, full). The batched-only layout copies
+    exist where ``F.linear`` flattens a strided input: the cross-attention text without TP
+    (megatron's TP linears save their 3-D input as it is) and the attention output without TP
+    or with the SP row linear."""
+    if recompute == 2:
+        return {"checkpoint_input": term_bytes(model, dit_checkpoint_term(model), c)}
+    kinds: dict[str, np.ndarray] = {}
+    for term in dit_activation_terms(model):
+        if recompute == 1 and term.kind == "mlp_gelu_output":
+            continue
+        value = term_bytes(model, term, c)
+        if term.batched_only and term.kind == "text_kv":
+            value = np.where(c["tp"] == 1, value, 0.0)
+        elif term.batched_only:
+            value = np.where((c["tp"] == 1) | (c["sp"] == 1), value, 0.0)
+        kinds[term.kind] = kinds.get(term.kind, 0.0) + value
+    return kinds
+
+
+def dit_layer_activation_bytes(model: ModelSpec, c: Columns, *, recompute: int) -> np.ndarray:
+    """The sum of :func:`dit_layer_activation_kinds`."""
+    total = np.zeros(np.shape(c["tp"]), dtype=float)
+    for value in dit_layer_activation_kinds(model, c, recompute=recompute).values():
+        total = total + value
+    return total
+
+
+def _dit_outside_bytes(model: ModelSpec, c: Columns) -> tuple[np.ndarray, np.ndarray]:
+    """(first-stage, last-stage) bytes one micro-batch keeps outside the blocks."""
+    terms = dit_outside_activation_terms(model)
+    zero = np.zeros(np.shape(c["tp"]), dtype=float)
+    first = sum((term_bytes(model, t, c) for t in terms["first"]), zero)
+    last = sum((term_bytes(model, t, c) for t in terms["last"]), zero)
+    return first, last
 
 
 def _memory(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
     tp, pp, vpp, cp, dp = c["tp"], c["pp"], c["vpp"], c["cp"], c["dp"]
     params = _params_per_gpu(model, c)
-    opt_shards = np.where(c["dist_opt"] == 1, dp * cp, 1)
     tokens = c["mb"] * model.seq_len / cp  # per micro-batch per GPU, before TP
     sbh = tokens * model.hidden
-    rep, split = _activation_coefficients(model)
-    assert model.ffn is not None
-    per_layer = np.where(c["sp"] == 1, sbh * (rep + split) / tp, sbh * (rep + split / tp))
     b = float(model.dtype_bytes)
-    selective_saving = np.where(c["recompute"] == 1, sbh * b * model.ffn / model.hidden / tp, 0.0)
-    per_layer = per_layer - selective_saving
-    layer_input = np.where(c["sp"] == 1, b * sbh / tp, b * sbh)
+    assert model.ffn is not None
     micro = c["gb"] / (dp * c["mb"])
     in_flight = np.minimum(micro, pp)
     interleave = np.where(vpp > 1, 1.0 + (pp - 1) / (pp * vpp), 1.0)
     layers_held = layers_per_stage(model, c) * in_flight * interleave
+    if model.kind == "dit":
+        kept = {r: dit_layer_activation_bytes(model, c, recompute=r) for r in (0, 1, 2)}
+        per_layer = np.where(c["recompute"] == 1, kept[1], kept[0])
+        layer_input = kept[2]
+        first, last = _dit_outside_bytes(model, c)
+        outside = in_flight * first + np.where(pp == 1, last, 0.0)  # busiest: the first stage
+    else:
+        rep, split = _activation_coefficients(model)
+        per_layer = np.where(c["sp"] == 1, sbh * (rep + split) / tp, sbh * (rep + split / tp))
+        selective = np.where(c["recompute"] == 1, sbh * b * model.ffn / model.hidden / tp, 0.0)
+        per_layer = per_layer - selective
+        layer_input = np.where(c["sp"] == 1, b * sbh / tp, b * sbh)
+        outside = 2.0 * 4.0 * tokens * model.vocab / tp  # logits
+    # full recompute: every held layer keeps its input, and one layer's whole activations
+    # live again while its backward recomputes it
     acts = np.where(
         c["recompute"] == 2, layers_held * layer_input + per_layer, layers_held * per_layer
     )
-    logits = 2.0 * 4.0 * tokens * model.vocab / tp if model.kind == "lm" else 0.0
     w_bytes, g_bytes, o_bytes = state_bytes_per_param(model)
     return {
         "params_per_gpu": params,
         "mem_params_gb": w_bytes * params / GB,
         "mem_grads_gb": g_bytes * params / GB,
-        "mem_optimizer_gb": o_bytes * params / opt_shards / GB,
-        "mem_activations_gb": (acts + logits) / GB,
+        "mem_optimizer_gb": o_bytes * optimizer_shard_params(model, c) / GB,
+        "mem_activations_gb": (acts + outside) / GB,
         "mem_buffers_gb": np.full(tp.shape, cluster.buffers_gb, dtype=float),
     }
 
@@ -297,7 +410,7 @@ def _time(model: ModelSpec, cluster: ClusterSpec, c: Columns) -> Columns:
 
     # optimizer: Adam is memory-bound; it reads weights, gradients, m, v and writes weights,
     # m, v (7 x 4 bytes in fp32; mixed precision adds the bf16 weight copy: 30 bytes)
-    shard = params / np.where(c["dist_opt"] == 1, n_dp, 1.0)
+    shard = optimizer_shard_params(model, c)
     adam_bytes = 28.0 if model.dtype == "fp32" else 30.0
     optimizer = adam_bytes * shard / (hw.hbm_gb_s * GB)
     # and the host's ops for it (zero grads, clip, Adam per tensor): a GPU runs them under the

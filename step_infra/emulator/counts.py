@@ -7,6 +7,9 @@ counted, and attention scores are counted in full even for causal masks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from step_infra.emulator.specs import ModelSpec
 
 
@@ -45,6 +48,68 @@ def layer_small_params(m: ModelSpec) -> int:
     if m.kind == "dit":
         return 6 * m.hidden + 4 * m.head_dim + 2 * m.hidden + m.ffn + m.hidden
     return 13 * m.hidden if m.learned_positions else 2 * m.hidden
+
+
+def layer_replicated_params(m: ModelSpec) -> int:
+    """The part of :func:`layer_small_params` every tensor-parallel rank holds whole.
+
+    Megatron splits a column-parallel linear's bias with its weight and keeps a row-parallel
+    one (added after the reduction) whole, as it keeps norms whole. GPT: 2 LayerNorms ``4 h``
+    + the output and fc2 biases ``2 h`` (its QKV ``3 h`` and fc1 ``4 h`` biases split);
+    Llama-style: the two gains ``2 h``. DiT (``step_infra.models.dit``): the adaLN table ``6 h``,
+    q/k RMSNorm gains ``4 head_dim``, norm2's affine ``2 h`` and fc2's bias ``h`` (fc1's bias
+    ``ffn`` splits).
+    """
+    assert m.head_dim is not None
+    if m.kind == "dit":
+        return 6 * m.hidden + 4 * m.head_dim + 2 * m.hidden + m.hidden
+    return 6 * m.hidden if m.learned_positions else 2 * m.hidden
+
+
+def layer_tp_split_params(m: ModelSpec) -> int:
+    """Parameters of one block that tensor parallelism splits (divide by ``tp``)."""
+    return (
+        layer_matmul_params(m)
+        + layer_text_params(m)
+        + layer_small_params(m)
+        - layer_replicated_params(m)
+    )
+
+
+def embedding_tp_split(m: ModelSpec) -> bool:
+    """Whether tensor parallelism splits :func:`embedding_params`. An LM's vocabulary-parallel
+    embedding and output layer split (Megatron); a DiT's patch embedding, timestep MLP,
+    shared adaLN, caption projections and final layer are plain linears every TP rank holds
+    whole (``step_infra.models.dit.DiTEmbedding`` / ``DiTHead``)."""
+    return m.kind == "lm"
+
+
+def dit_param_tensors(m: ModelSpec, tp: int, layers: int) -> list[int]:
+    """Element counts of every parameter tensor a TP rank of a DiT stage holds: ``layers``
+    blocks plus everything outside the blocks (the busiest-stage convention of
+    ``costmodel``). ZeRO-1 as the trainer runs it (``torch``'s ``ZeroRedundancyOptimizer``)
+    gives whole tensors to ranks, so :func:`zero_max_shard` needs them one by one."""
+    h, a, f, d = m.hidden, m.attn_dim, m.ffn, m.head_dim
+    assert f is not None and d is not None and m.text_dim_long is not None
+    block = [h * 3 * a // tp, a * h // tp, d, d]  # self-attention: qkv, proj, q/k norm gains
+    block += [h, h, h * a // tp, h * 2 * a // tp, a * h // tp, d, d]  # norm2, cross-attention
+    block += [h * f // tp, f // tp, f * h // tp, h, 6 * h]  # MLP (fc1 w, b; fc2 w, b), table
+    c, tl, t = m.latent_channels * m.patch**2, m.text_dim_long, m.timestep_channels
+    outside = [c * h, h, t * h, h, h * h, h, 6 * h * h, 6 * h, m.text_dim * h, h]
+    outside += [tl, tl, tl * h, h, h * h, h, 2 * h, h * c, c]
+    return block * layers + outside
+
+
+def zero_max_shard(tensors: list[int], ranks: int) -> int:
+    """Elements the busiest rank owns when ``tensors`` are dealt to ``ranks`` as
+    ``ZeroRedundancyOptimizer._partition_parameters`` deals them: largest first, each to the
+    rank with the fewest so far (greedy, whole tensors). At least ``max(tensors)`` and at
+    least the even share ``sum / ranks``."""
+    loads = [0] * max(1, ranks)
+    for size in sorted(tensors, reverse=True):
+        i = loads.index(min(loads))
+        loads[i] += size
+    return max(loads)
 
 
 def embedding_params(m: ModelSpec) -> int:
@@ -115,6 +180,121 @@ def elementwise_elements_per_token(m: ModelSpec) -> tuple[float, float]:
     residual, mlp_bias = 3 * h, 2 * h
     qk_norm, head_layout = 3 * 2 * a, 2 * 2 * a
     return norms + modulate + gated_residual + residual + mlp_bias, qk_norm + head_layout + act
+
+
+# ---------------------------------------------------------------------- activations (DiT)
+Per = Literal["token", "text_token", "sample"]
+Split = Literal["tp", "sp", "none"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActivationTerm:
+    """Bytes one DiT block keeps for the backward per token, per text token or per sample.
+
+    ``split``: ``"tp"`` inside the tensor-parallel region (heads, FFN columns: divided by
+    ``tp``), ``"sp"`` outside it (the residual stream: divided by ``tp`` only with sequence
+    parallelism), ``"none"`` whole on every rank. ``kind`` is the name the saved-tensor
+    counter (``step_infra.models.saved_tensors.KINDS``) gives the same tensors; the test
+    ``tests/emulator/test_saved_tensors_vs_emulator.py`` compares the two kind by kind.
+    """
+
+    kind: str
+    per: Per
+    split: Split
+    bytes: float
+    saved_by: str
+    batched_only: bool = False  # exists only with micro_batch > 1 (a layout copy)
+
+
+def dit_activation_terms(m: ModelSpec) -> tuple[ActivationTerm, ...]:
+    """What one Step-Video block (``step_infra.models.dit.DiTLayer``) keeps for the backward,
+    tensor by tensor, in bytes (``b`` the activation dtype's bytes; ``h`` hidden, ``a`` heads x
+    head dim, ``f`` FFN width, ``n`` heads, ``T`` text tokens).
+
+    Counted on the model with ``saved_tensors_hooks`` (:mod:`step_infra.models.saved_tensors`)
+    with the attention kernel's saved set (q, k, v, out, fp32 LSE, as the Triton kernel and
+    FlashAttention keep) and torch's own ops for the rest, as they dispatch on the CPU and the
+    meta device in torch 2.13: LayerNorm keeps its input and fp32 mean/rstd (the CPU keeps
+    them in the input dtype); ``F.rms_norm`` runs in fp32 and keeps its fp32 input (a copy for
+    bf16 activations) and normalized value; ``x * (1 + scale)`` keeps ``x`` and the vector;
+    RoPE's multiplies keep only the shared cos/sin tables (counted once per model).
+
+    Per token: residual stream ``10 h b`` (3 norm inputs, 2 modulation inputs, 3 linear
+    inputs, 2 gate inputs); TP region ``(3 + 3 + 2) a b`` (qkv, attention q/k, attention
+    outputs) ``+ 2 f b`` (GELU input and output) ``+ (6 a or 4 a) x 4`` (RMSNorm) and per-head
+    fp32 statistics. For Step-Video in bf16 that is 20 + 16 + 16 + 24 = 76 bytes per token per
+    hidden unit (38 hidden-wide bf16 tensors); a Megatron/TE block with fused QK-norm would
+    drop the 24 of the fp32 RMSNorm copies.
+    """
+    h, a, n = float(m.hidden), float(m.attn_dim), float(m.heads)
+    assert m.ffn is not None
+    f, b, fp32 = float(m.ffn), float(m.dtype_bytes), 4.0
+    norm_kept = (3 * a if b < fp32 else a) * fp32  # fp32 inputs: a copy, or cross q itself
+    k_copy = a * fp32 if b < fp32 else 0.0
+    terms = [
+        ("norm_input", "token", "sp", 3 * h * b, "norm1-3 (LayerNorm) inputs"),
+        ("norm_stats", "token", "sp", 3 * 2 * fp32, "norm1-3 mean, rstd (fp32)"),
+        ("modulation_input", "token", "sp", 2 * h * b, "adaLN multiply: norm1/norm3 outputs"),
+        ("linear_input", "token", "sp", 3 * h * b, "linear_qkv, cross linear_q, linear_fc1"),
+        ("gate_input", "token", "sp", 2 * h * b, "gated residual: attention/MLP outputs"),
+        ("qkv", "token", "tp", 3 * a * b, "q/k RMSNorm (views) and attention's v"),
+        ("qk_norm", "token", "tp", 3 * a * fp32 + norm_kept, "per-head RMSNorm, fp32"),
+        ("qk_norm_stats", "token", "tp", 3 * n * fp32, "per-head RMSNorm rstd"),
+        ("attention_qk", "token", "tp", 3 * a * b, "attention kernel: RoPE'd q, k; cross q"),
+        ("attention_out", "token", "tp", 2 * a * b, "attention kernel and linear_proj"),
+        ("attention_lse", "token", "tp", 2 * n * fp32, "attention kernel"),
+        ("mlp_fc1_output", "token", "tp", f * b, "GELU"),
+        ("mlp_gelu_output", "token", "tp", f * b, "linear_fc2"),
+        ("text_kv", "text_token", "tp", 3 * a * b + a * fp32 + k_copy + n * fp32,
+         "cross k RMSNorm and attention kernel: kv, normalized k"),
+        ("modulation_vectors", "sample", "none", 8 * h * b, "(1 + scale) x 2, gates' table"),
+        ("kv_lengths", "sample", "none", 4.0, "attention kernel (int32 text lengths)"),
+    ]  # fmt: skip
+    out = [ActivationTerm(kind=k, per=p, split=s, bytes=v, saved_by=w) for k, p, s, v, w in terms]  # type: ignore[arg-type]
+    out.append(ActivationTerm(  # F.linear flattens a strided (S, B, a) input by copying it
+        kind="attention_out_copy", per="token", split="tp", bytes=2 * a * b,
+        saved_by="linear_proj (F.linear's copy of the transposed output)", batched_only=True,
+    ))  # fmt: skip
+    out.append(ActivationTerm(
+        kind="text_kv", per="text_token", split="none", bytes=h * b,
+        saved_by="linear_kv (F.linear's copy of the transposed text)", batched_only=True,
+    ))  # fmt: skip
+    return tuple(out)
+
+
+def dit_checkpoint_term(m: ModelSpec) -> ActivationTerm:
+    """What a fully recomputed block keeps: its input (the residual stream, ``h b`` a token)."""
+    return ActivationTerm(
+        kind="checkpoint_input", per="token", split="sp", bytes=float(m.hidden * m.dtype_bytes),
+        saved_by="the activation checkpoint (recomputes the rest in the backward)",
+    )  # fmt: skip
+
+
+def dit_outside_activation_terms(m: ModelSpec) -> dict[str, tuple[ActivationTerm, ...]]:
+    """What a DiT keeps outside its blocks, by where it lives: ``"first"`` stage (patch
+    embedding input, per CP-local token, and the conditioning every block reads: the RoPE
+    cos/sin tables, fp32 ``2 x head_dim`` a token, and the packed text ``T h b``), ``"last"``
+    stage (the head: final norm input and fp32 stats, its modulated input and the final
+    linear's input, on the SP shard, and its ``1 + scale`` vector). Not priced: the timestep MLP (per sample) and the
+    caption projections (per text token of each encoder), under 1 % of one block."""
+    h, b = float(m.hidden), float(m.dtype_bytes)
+    assert m.head_dim is not None
+    c = float(m.latent_channels * m.patch**2)
+    first = (
+        ActivationTerm(kind="patch_input", per="token", split="none", bytes=c * b,
+                       saved_by="patch_embed (before the SP split)"),
+        ActivationTerm(kind="rope", per="token", split="none", bytes=2 * m.head_dim * 4.0,
+                       saved_by="RoPE multiplies of every block (one table)"),
+        ActivationTerm(kind="text", per="text_token", split="none", bytes=h * b,
+                       saved_by="cross-attention linear_kv of every block (one tensor)"),
+    )  # fmt: skip
+    last = (
+        ActivationTerm(kind="head", per="token", split="sp", bytes=3 * h * b + 2 * 4.0,
+                       saved_by="final norm, its modulation and final_linear"),
+        ActivationTerm(kind="head", per="sample", split="none", bytes=h * b,
+                       saved_by="the head's modulation vector (1 + scale)"),
+    )  # fmt: skip
+    return {"first": first, "last": last}
 
 
 def forward_flops_per_sample(m: ModelSpec) -> dict[str, float]:

@@ -32,6 +32,7 @@ def predict_step(
     text_tokens: int | None = None,
     distributed_optimizer: bool = False,
     overlap_grad_reduce: bool = True,
+    strategy: Strategy | None = None,
 ) -> Estimate:
     """Predicted training step of ``tp x pp x cp x dp`` ranks on ``profile``'s machine.
 
@@ -43,8 +44,13 @@ def predict_step(
     ranks_per_node=world)``): ranks that share cores get less each. ``overlap_grad_reduce``
     False prices a trainer that reduces gradients once, after the backward. The returned
     ``Estimate`` has ``step_time_s`` and the breakdown. Raises ``ValueError`` naming a bad
-    layout or profile.
+    layout or profile. ``strategy`` (with ``dp`` set) replaces the layout keywords: every
+    setting of a job's layout priced (vpp, ring or Ulysses CP, SP, recompute, ...).
     """
+    if strategy is not None:
+        if strategy.dp is None:
+            raise ValueError("predict_step(strategy=...) needs strategy.dp set")
+        tp, pp, cp, dp = strategy.tp, strategy.pp, strategy.cp, strategy.dp
     spec = get_model(model) if isinstance(model, str) else model
     changes: dict[str, int] = {}
     if seq_len is not None:
@@ -60,14 +66,15 @@ def predict_step(
         )
     base = ClusterSpec.from_profile(profile, nodes=nodes)
     cluster = dataclasses.replace(base, gpus_per_node=world // nodes)
-    strategy = Strategy(
-        tp=tp,
-        pp=pp,
-        cp=cp,
-        dp=dp,
-        micro_batch=micro_batch,
-        global_batch=global_batch,
-        distributed_optimizer=distributed_optimizer,
-        overlap_grad_reduce=overlap_grad_reduce,
-    )
+    if strategy is None:
+        strategy = Strategy(
+            tp=tp,
+            pp=pp,
+            cp=cp,
+            dp=dp,
+            micro_batch=micro_batch,
+            global_batch=global_batch,
+            distributed_optimizer=distributed_optimizer,
+            overlap_grad_reduce=overlap_grad_reduce,
+        )
     return estimate(spec, cluster, strategy)

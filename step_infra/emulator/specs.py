@@ -42,6 +42,12 @@ class ModelSpec:
     ``"fp32"`` is plain fp32 training (the CPU demo models). It sets the bytes of every
     activation, element-wise pass and activation message; the GEMM rate is the profile's (a CPU
     profile measures fp32 matmuls, a GPU preset's peak is bf16).
+
+    ``state_precision`` says how a bf16 model's weights, gradients and Adam state are held:
+    ``"mixed"`` as Megatron's mixed precision (bf16 weights, fp32 main gradients, fp32 master
+    weights and m, v in the optimizer); ``"fp32"`` fp32 weights, gradients and m, v (bf16
+    compute only); ``"activation"`` everything in bf16 (a model cast to bf16 and torch's
+    AdamW, whose state takes the parameters' dtype). fp32 training holds all in fp32.
     """
 
     name: str
@@ -58,6 +64,8 @@ class ModelSpec:
     tied_embeddings: bool = True
     learned_positions: bool = False
     dtype: Literal["bf16", "fp32"] = "bf16"
+    # how a bf16 model's training state is held (``costmodel.state_bytes_per_param``)
+    state_precision: Literal["mixed", "fp32", "activation"] = "mixed"
     # DiT-only fields
     text_tokens: int = 0
     text_dim: int = 0
@@ -103,6 +111,11 @@ class ModelSpec:
             )
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"{self.name}: dtype={self.dtype!r}; expected 'bf16' or 'fp32'")
+        if self.state_precision not in ("mixed", "fp32", "activation"):
+            raise ValueError(
+                f"{self.name}: state_precision={self.state_precision!r}; expected 'mixed', "
+                "'fp32' or 'activation'"
+            )
         if self.text_dim_long is None:
             object.__setattr__(self, "text_dim_long", self.hidden)
         if self.kind == "dit" and self.latent_channels < 1:

@@ -164,6 +164,8 @@ def strategy_rules(
         "Ulysses cp={cp} does not divide the {heads} heads / tp={tp} on each rank": (c["ring"] == 1)
         | (heads_per_tp % cp == 0),
         "sequence_parallel needs tp > 1": (c["sp"] == 0) | (tp > 1),
+        "sequence parallel splits the {seq_len}-token sequence over cp={cp} x tp={tp} ranks "
+        "unevenly": (c["sp"] == 0) | (model.seq_len % np.maximum(cp * tp, 1) == 0),
         "global_batch={global_batch} is not a multiple of micro_batch={micro_batch} x dp={dp}": (
             dp > 0
         )

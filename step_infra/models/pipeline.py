@@ -357,6 +357,17 @@ class DiTPipeline:
     def has_last(self) -> bool:
         return any(m.index == len(self.layout) - 1 for m in self.modules)
 
+    def set_microbatches(self, n: int) -> None:
+        """Run the next steps in ``n`` micro-batches (a new schedule when ``n`` changes: a
+        streaming replica's share of a step varies)."""
+        if n < 1:
+            raise ValueError(f"n_microbatches must be >= 1, got {n}")
+        if n != self.n_microbatches:
+            self.n_microbatches = n
+            if self.groups.pp_size > 1:
+                self._plan()
+                self._shapes = None
+
     def step(
         self,
         x: torch.Tensor,  # (B, C, F, H, W) latents

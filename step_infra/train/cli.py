@@ -29,6 +29,12 @@ def train(
         False, help="Delete the run directory first instead of resuming from its checkpoint."
     ),
     steps: int | None = typer.Option(None, help="Override the recipe's number of steps."),
+    nodes: int | None = typer.Option(
+        None, help="Trainer nodes (default: the recipe's; a plan's tp*pp*cp*dp must fit)."
+    ),
+    nproc_per_node: int | None = typer.Option(
+        None, help="Trainer ranks per node (default: the recipe's; a multiple of tp)."
+    ),
     faults: bool = typer.Option(
         True, help="Inject the recipe's faults (a slowed node, a kill -9) to show recovery."
     ),
@@ -69,9 +75,12 @@ def train(
             cfg = cfg.replace(steps=steps)
         if not faults:
             cfg = cfg.replace(faults=Faults())
-        cfg = cfg.replace(
-            elastic=dataclasses.replace(cfg.elastic, policy=eviction, metrics_port=metrics_port)
-        )
+        elastic = dataclasses.replace(cfg.elastic, policy=eviction, metrics_port=metrics_port)
+        if nodes is not None:
+            elastic = dataclasses.replace(elastic, nodes=nodes)
+        if nproc_per_node is not None:
+            elastic = dataclasses.replace(elastic, nproc_per_node=nproc_per_node)
+        cfg = cfg.replace(elastic=elastic)
         loaded = Plan.load(plan) if plan is not None else None
         if loaded is not None:
             cfg = apply_plan(cfg, loaded)

@@ -52,11 +52,27 @@ def test_plan_sets_layout_batch_and_encoder_split() -> None:
 
 def test_plan_the_trainer_cannot_run_is_refused_by_name() -> None:
     base = Plan(model=ModelRef(preset="tiny-dit"), strategy=job_strategy(tp=2))
-    with pytest.raises(ValueError, match=r"pp=2 .*sequence_parallel=True"):
+    refused = dataclasses.replace(
+        base.strategy, pp=2, sequence_parallel=True, precision="fp8", overlap_tp_comm=True
+    )
+    with pytest.raises(ValueError, match=r"overlap_tp_comm=True .*precision='fp8'"):
+        apply_plan(tiny_t2v(), base.replace(strategy=refused))
+    with pytest.raises(ValueError, match=r"overlap_param_gather=True"):
         apply_plan(
             tiny_t2v(),
-            base.replace(strategy=dataclasses.replace(base.strategy, pp=2, sequence_parallel=True)),
+            base.replace(strategy=dataclasses.replace(base.strategy, overlap_param_gather=True)),
         )
+    with pytest.raises(ValueError, match=r"pp=4 x vpp=2 virtual stages exceed the 4 blocks"):
+        apply_plan(
+            tiny_t2v(), base.replace(strategy=dataclasses.replace(base.strategy, pp=4, vpp=2))
+        )
+    # what the trainer runs is accepted: pipeline, ring CP, SP, recompute, ZeRO, overlap
+    runs = dataclasses.replace(
+        base.strategy, tp=1, pp=2, vpp=2, cp=2, cp_kind="ring", recompute="full",
+        distributed_optimizer=True, overlap_grad_reduce=True,
+    )  # fmt: skip
+    cfg = apply_plan(tiny_t2v(), base.replace(strategy=runs))
+    assert (cfg.grid.pp, cfg.grid.cp, cfg.grid.dp) == (2, 2, 1)
     with pytest.raises(ValueError, match="ranks, but the job has 4"):
         apply_plan(tiny_t2v(), base.replace(strategy=dataclasses.replace(base.strategy, dp=4)))
     with pytest.raises(ValueError, match="the plan is for 'micro-dit'"):

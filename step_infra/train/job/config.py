@@ -24,6 +24,7 @@ from step_infra.data.synthetic import SyntheticConfig
 from step_infra.elastic.controller import ElasticConfig
 from step_infra.emulator.plan import Plan
 from step_infra.emulator.strategy import Strategy
+from step_infra.models.config import get_preset
 from step_infra.models.vae import VAEConfig
 from step_infra.telemetry.detector import DetectorConfig
 from step_infra.topology import ProcessGrid
@@ -50,27 +51,29 @@ JOB_DETECTOR = DetectorConfig(
     mad_floor=0.02,
 )
 
-# What the streaming trainer runs of a strategy today: tensor x data parallel, no pipeline,
-# context or sequence parallelism, replicated AdamW, gradients reduced after the backward.
-# A plan asking for more is refused by name (issue 19 brings the rest). ``bf16`` is accepted
-# as the precision of a plan; on the CPU the trainer computes in fp32.
+# What the streaming trainer cannot run of a strategy, each value the one it runs; a plan
+# asking for another is refused by name. Everything else of a plan it runs: pipeline stages
+# (interleaved with vpp > 1), Ulysses or ring context parallel, megatron-style sequence
+# parallel, selective or full recompute, ZeRO-1 (``distributed_optimizer``), gradients
+# reduced in buckets during the backward (``overlap_grad_reduce``). ``bf16`` computes in bf16
+# on GPUs and, said at launch, in fp32 on the CPU (whose bf16 matmuls are emulated).
 TRAINER_RUNS: dict[str, Any] = {
-    "pp": 1,
-    "vpp": 1,
-    "cp": 1,
-    "sequence_parallel": False,
-    "recompute": "none",
-    "distributed_optimizer": False,
-    "overlap_grad_reduce": False,
+    "overlap_tp_comm": False,  # Transformer Engine's userbuffer overlap (CUDA only)
+    # ZeRO's updated parameters are broadcast right after the step, not during the next
+    # forward: set overlap_param_gather = false in the plan.
     "overlap_param_gather": False,
-    "overlap_tp_comm": False,
-    "precision": "bf16",
+    "precision": "bf16",  # fp8 needs Transformer Engine layers in the DiT
 }
 
 
 def job_strategy(**settings: Any) -> Strategy:
-    """A strategy the streaming trainer runs (tp x dp, replicated optimizer)."""
-    base: dict[str, Any] = {k: v for k, v in TRAINER_RUNS.items() if k != "precision"}
+    """A strategy for a recipe: tensor x data parallel with a replicated optimizer and
+    gradients reduced after the backward unless ``settings`` say otherwise."""
+    base: dict[str, Any] = {
+        "distributed_optimizer": False,
+        "overlap_grad_reduce": False,
+        "overlap_param_gather": False,
+    }
     return Strategy(**{**base, **settings})
 
 
@@ -149,17 +152,34 @@ class JobConfig:
     # "cpu": gloo, every rank on the host's cores. "cuda": NCCL, rank i on GPU i of its node
     # (local rank), so a node may run at most as many ranks as it has GPUs.
     device: str = "cpu"
+    # torch.distributed.pipelining schedule with pp > 1: "auto" (1F1B, interleaved with
+    # vpp > 1), or one of step_infra.models.pipeline.SCHEDULES (e.g. "zero_bubble").
+    pp_schedule: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r}; expected 'cpu' or 'cuda'")
         s, e = self.strategy.check(), self.elastic
-        s.refuse(TRAINER_RUNS, by="the streaming trainer (tp x dp only for now)")
+        s.refuse(TRAINER_RUNS, by="the streaming trainer")
+        from step_infra.models.pipeline import SCHEDULES
+
+        if self.pp_schedule not in ("auto", *SCHEDULES):
+            raise ValueError(
+                f"pp_schedule={self.pp_schedule!r}; expected 'auto' or one of {sorted(SCHEDULES)}"
+            )
         if e.nproc_per_node % s.tp:
             raise ValueError(
                 f"tp={s.tp} must divide nproc_per_node={e.nproc_per_node} (a replica's "
-                "tensor-parallel ranks stay on one node)"
+                "tensor-parallel ranks stay on one node): pass --nproc-per-node"
             )
+        layers = get_preset(self.dit_preset).num_layers
+        if s.pp * s.vpp > layers:
+            raise ValueError(
+                f"pp={s.pp} x vpp={s.vpp} virtual stages exceed the {layers} blocks of "
+                f"{self.dit_preset!r}"
+            )
+        if s.vpp > 1 and s.pp == 1:
+            raise ValueError(f"vpp={s.vpp} needs pp > 1 (it interleaves pipeline stages)")
         self.grid  # noqa: B018  (validates dp against the world size)
         if s.global_batch % s.micro_batch:
             raise ValueError(
@@ -195,6 +215,39 @@ class JobConfig:
     @classmethod
     def load(cls, run_dir: Path) -> JobConfig:
         return config_io.load(Path(run_dir) / CONFIG_FILE, cls)
+
+
+def compute_precision(cfg: JobConfig) -> str:
+    """What the trainer computes in: the plan's ``bf16`` on a GPU (autocast, fp32 master
+    weights and optimizer), fp32 on the CPU, whose bf16 matmuls are emulated and slow."""
+    return "bf16" if cfg.device == "cuda" else "fp32"
+
+
+def trainer_layout(cfg: JobConfig) -> str:
+    """One line naming every setting of the layout the trainer runs (printed at launch)."""
+    s, g = cfg.strategy, cfg.grid
+    parts = [f"tp={g.tp} pp={g.pp} cp={g.cp} dp={g.dp}"]
+    if s.pp > 1:
+        parts.append(f"vpp={s.vpp} {pipeline_schedule(cfg)}")
+    if s.cp > 1:
+        parts.append(f"{s.cp_kind} cp")
+    if s.sequence_parallel:
+        parts.append("sequence parallel")
+    parts.append(f"recompute {s.recompute}")
+    parts.append("ZeRO-1" if s.distributed_optimizer else "replicated AdamW")
+    if s.overlap_grad_reduce:
+        parts.append("grads reduced in buckets during the backward")
+    precision = compute_precision(cfg)
+    parts.append(precision if precision == s.precision else f"{precision} (plan: {s.precision})")
+    return ", ".join(parts)
+
+
+def pipeline_schedule(cfg: JobConfig) -> str:
+    """The torch.distributed.pipelining schedule: the job's, or 1F1B (interleaved when
+    ``vpp > 1``)."""
+    if cfg.pp_schedule != "auto":
+        return cfg.pp_schedule
+    return "interleaved_1f1b" if cfg.strategy.vpp > 1 else "1f1b"
 
 
 def apply_plan(cfg: JobConfig, plan: Plan) -> JobConfig:

@@ -48,7 +48,7 @@ from step_infra.elastic.controller import ElasticController, ElasticResult
 from step_infra.elastic.processes import Supervisor
 from step_infra.elastic.worker_env import read_heartbeats
 from step_infra.telemetry.events import EventLog
-from step_infra.train.job.config import CONFIG_FILE, JobConfig, encoder_split
+from step_infra.train.job.config import CONFIG_FILE, JobConfig, encoder_split, trainer_layout
 from step_infra.train.job.worker import REGISTRY_ENV
 
 log = logging.getLogger(__name__)
@@ -268,11 +268,10 @@ class TrainingJob:
         cfg, e = self.cfg, self.cfg.elastic
         env = {TOKEN_ENV: self.token, REGISTRY_ENV: self.registry, "OMP_NUM_THREADS": "1"}
         elastic_cfg = dataclasses.replace(e, extra_env=env)
-        grid = cfg.grid
         self.notify(
             "train",
             "start",
-            f"trainers: {e.nodes} nodes x {e.nproc_per_node} ranks (tp={grid.tp}, dp={grid.dp}) "
+            f"trainers: {e.nodes} nodes x {e.nproc_per_node} ranks ({trainer_layout(cfg)}) "
             f"+ {e.spares} hot spare(s); {cfg.steps} steps of {cfg.global_batch} samples",
         )
         injector = None

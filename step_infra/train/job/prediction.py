@@ -209,12 +209,10 @@ def predict_job(cfg: JobConfig, profile: Path, *, vae_path: Path | None = None) 
         profile,
         micro_batch=cfg.strategy.micro_batch,
         global_batch=cfg.global_batch,
-        tp=cfg.strategy.tp,
-        dp=cfg.grid.dp,
         nodes=cfg.elastic.nodes,
         seq_len=latent_tokens(cfg),
         text_tokens=16,
-        overlap_grad_reduce=False,  # the trainer reduces once, after the backward
+        strategy=dataclasses.replace(cfg.strategy, dp=cfg.grid.dp),  # the layout as it runs
     )
     cluster = ClusterSpec.from_profile(profile)
     data_sync = (cfg.world_size - 1) * cluster.nic_latency_us * 1e-6
@@ -233,7 +231,8 @@ def predict_job(cfg: JobConfig, profile: Path, *, vae_path: Path | None = None) 
         "encoder_cpu": encoders,
         "model": cfg.dit_preset,
         "tokens_per_sample": latent_tokens(cfg),
-        "layout": f"tp{cfg.strategy.tp} dp{cfg.grid.dp} mb{cfg.strategy.micro_batch} gb{cfg.global_batch}",
+        "layout": f"tp{cfg.grid.tp} pp{cfg.grid.pp} cp{cfg.grid.cp} dp{cfg.grid.dp} "
+        f"mb{cfg.strategy.micro_batch} gb{cfg.global_batch}",
         "breakdown": {k: v for k, v in est.breakdown.items() if isinstance(v, int | float)},
     }
 
