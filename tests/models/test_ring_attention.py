@@ -93,6 +93,7 @@ def _assert_dit_layouts_match(rows: list[dict[str, object]], layouts: list[str])
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the default suite runs cp2r in test_parallel_torchrun (same tolerance)
 def test_ring_cp2_dit_matches_one_rank() -> None:
     rows = _torchrun(2, "step_infra.models.parallel_check", "cp2r", "--tol", "1e-5")
     _assert_dit_layouts_match(rows, ["cp2r"])

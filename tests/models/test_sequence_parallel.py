@@ -148,6 +148,7 @@ def test_wrong_options_are_refused() -> None:
 
 # ------------------------------------------------------------------------ real processes
 @pytest.mark.integration
+@pytest.mark.slow  # the default suite runs tp2sp in test_parallel_torchrun (same tolerance)
 def test_tp2sp_matches_one_rank() -> None:
     proc = _torchrun(2, "-m", "step_infra.models.parallel_check", "tp2sp", "--tol", "1e-5")
     rows = _rows(proc)
