@@ -1,12 +1,11 @@
-"""Emulator vs a real training step on this machine: the tiny DiT, three layouts.
+"""Emulator vs a real training step on this machine: the tiny DiT, five layouts.
 
 Calibrates this machine right before each layout (``hwprobe``; for 2-rank layouts the compute
 rates are measured with 2 ranks at once; 1 torch thread per rank), times a training step of the
 project's ``tiny-dit`` (``step_infra.models.build_dit``; 1 rank; DP=2 with ``finalize_grads``
-over gloo; TP=2 with megatron-core's parallel linears over gloo, see
-``step_infra.train.emulator_check``) and prints the emulator's predicted step time next to the
-measured one. The issue's mark: within
-20 % for at least three layouts. On a shared 2-core machine other processes can take half the
+over gloo; TP=2 with megatron-core's parallel linears over gloo; PP=2, 1F1B over 4
+micro-batches; ring CP=2, see ``step_infra.train.emulator_check``) and prints the emulator's
+predicted step time next to the measured one. The issue's mark: every layout within 20 %. On a shared 2-core machine other processes can take half the
 CPU while a layout is profiled or timed: the table shows their share ("others' CPU", the
 larger of the two windows); a layout where they took more than ``--max-other-load`` is
 profiled and timed again (``--attempts`` in all), and every attempt is printed and kept in
@@ -27,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from step_infra.emulator.hwprobe import ProbeConfig, calibrate, quick_config
-from step_infra.train.emulator_check import CheckConfig, run_local_check
+from step_infra.train.emulator_check import LAYOUTS, CheckConfig, run_local_check
 
 
 def main() -> None:
@@ -43,6 +42,13 @@ def main() -> None:
         help="re-time a layout when other processes took more than this share of the CPU",
     )
     parser.add_argument("--attempts", type=int, default=3, help="timings per layout at most")
+    parser.add_argument(
+        "--layout",
+        action="append",
+        choices=sorted(LAYOUTS),
+        default=None,
+        help="run only this layout (repeatable; default: all of them)",
+    )
     args = parser.parse_args()
     probe_cfg = (
         quick_config(threads=1)
@@ -61,8 +67,13 @@ def main() -> None:
             return path
 
         load_before = os.getloadavg()[0]
+        layouts = {name: LAYOUTS[name] for name in args.layout} if args.layout else None
         rows = run_local_check(
-            profile_for, check_cfg, max_other_load=args.max_other_load, attempts=args.attempts
+            profile_for,
+            check_cfg,
+            layouts=layouts,
+            max_other_load=args.max_other_load,
+            attempts=args.attempts,
         )
         load_after = os.getloadavg()[0]
     table = Table(

@@ -56,6 +56,9 @@ class EncoderServers:
     text_rate: float = 200.0  # samples/s per text-encoder server
     vae_rate: float = 16.0  # samples/s per VAE server
     lease_s: float = 5.0  # a trainer silent this long loses its unacknowledged items
+    # Address the servers bind and advertise in the registry: loopback on one host, the
+    # host's routable address when trainers elsewhere read from them.
+    host: str = "127.0.0.1"
     max_inflight_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
@@ -205,6 +208,7 @@ def _producer(
     from step_infra.rpc.producer import Producer, ProducerConfig
 
     pcfg = ProducerConfig(
+        host=cfg.servers.host,
         lease_s=cfg.servers.lease_s,
         max_inflight_bytes=cfg.servers.max_inflight_bytes,
         send_timeout_s=None,

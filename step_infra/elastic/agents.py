@@ -62,6 +62,7 @@ class AgentLaunch:
             f"--nproc-per-node={self.nproc_per_node}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={self.rdzv_host}:{self.rdzv_port}",
+            f"--local-addr={self.rdzv_host}",  # the workers' MASTER_ADDR: no hostname lookup
             f"--rdzv-id={self.rdzv_id}",
             "--rdzv-conf",
             f"is_host=false,join_timeout=600,last_call_timeout={self.last_call_s:g},"

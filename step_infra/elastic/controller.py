@@ -84,6 +84,9 @@ class ElasticConfig:
     # shrinks the job (gradient accumulation grows to keep the global batch).
     spares: int = 1
     nproc_per_node: int = 1
+    # Address the rendezvous store binds and the agents' workers use (torchrun --local-addr):
+    # loopback on one host, this host's routable address when other hosts join.
+    host: str = "127.0.0.1"
     policy: str = "evict"  # "evict" or "detect"
     max_evictions: int = 1
     detector: DetectorConfig = field(
@@ -202,6 +205,7 @@ class ElasticController:
             min_nodes=c.min_size,
             nproc_per_node=c.nproc_per_node,
             rdzv_port=port,
+            rdzv_host=c.host,
             rdzv_id=self.run_dir.name,
             max_restarts=c.agent_max_restarts,
             worker_args=c.worker_args,
@@ -223,7 +227,7 @@ class ElasticController:
     def run(self) -> ElasticResult:
         c = self.config
         t_start = time.monotonic()
-        self._store = rendezvous_store()
+        self._store = rendezvous_store(self.config.host)
         port = int(self._store.port)
         metrics = self._start_metrics()
         # Events already in the file are an earlier launch's (a resume after Ctrl-C): skip them.

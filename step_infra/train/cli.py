@@ -32,6 +32,11 @@ def train(
     nodes: int | None = typer.Option(
         None, help="Trainer nodes (default: the recipe's; a plan's tp*pp*cp*dp must fit)."
     ),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Address the registry, encoder servers and rendezvous bind and advertise "
+        "(this host's routable address when other hosts take part).",
+    ),
     nproc_per_node: int | None = typer.Option(
         None, help="Trainer ranks per node (default: the recipe's; a multiple of tp)."
     ),
@@ -80,7 +85,8 @@ def train(
             elastic = dataclasses.replace(elastic, nodes=nodes)
         if nproc_per_node is not None:
             elastic = dataclasses.replace(elastic, nproc_per_node=nproc_per_node)
-        cfg = cfg.replace(elastic=elastic)
+        elastic = dataclasses.replace(elastic, host=host)
+        cfg = cfg.replace(elastic=elastic, servers=dataclasses.replace(cfg.servers, host=host))
         loaded = Plan.load(plan) if plan is not None else None
         if loaded is not None:
             cfg = apply_plan(cfg, loaded)

@@ -33,14 +33,78 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from step_infra.emulator.hwprobe import collect_rank_outputs, free_port
+from step_infra.emulator.strategy import CpKind, Strategy
+from step_infra.topology import ProcessGrid
 
 if TYPE_CHECKING:
     from step_infra.models.parallel import ParallelGroups
 
-# Layout name -> (tp, dp): the issue's three local layouts.
-LAYOUTS: dict[str, tuple[int, int]] = {"1 rank": (1, 1), "DP=2 gloo": (1, 2), "TP=2 gloo": (2, 1)}
 PRESET = "tiny-dit"  # the same name in step_infra.models and the emulator's presets
 _MODULE = "step_infra.train.emulator_check"  # what the ranks run (``--worker``)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """One layout the check runs and prices: the process grid's sizes, the CP kind, and the
+    micro-batches each data-parallel rank's batch is cut into (a pipeline needs several, or
+    its stages run one after the other)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    cp_kind: CpKind = "ulysses"
+    dp: int = 1
+    micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.tp, self.pp, self.cp, self.dp, self.micro_batches) < 1:
+            raise ValueError(f"tp, pp, cp, dp, micro_batches must be >= 1: {self}")
+        if self.cp_kind not in ("ulysses", "ring"):
+            raise ValueError(f"cp_kind={self.cp_kind!r}; expected 'ulysses' or 'ring'")
+        if self.micro_batches > 1 and self.pp == 1:
+            raise ValueError(
+                f"micro_batches={self.micro_batches} needs pp > 1: without a pipeline the check "
+                "runs the batch as one micro-batch"
+            )
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def grid(self) -> ProcessGrid:
+        return ProcessGrid(dp=self.dp, pp=self.pp, cp=self.cp, tp=self.tp)
+
+    def strategy(self, cfg: CheckConfig) -> Strategy:
+        """The emulator's ``Strategy`` of the step as :func:`time_steps` runs it: gradients
+        reduced after the backward, the replicated optimizer, ``micro_batches`` micro-batches
+        of ``cfg.batch / micro_batches`` samples per data-parallel rank."""
+        if cfg.batch % self.micro_batches:
+            raise ValueError(
+                f"batch={cfg.batch} does not split into micro_batches={self.micro_batches}; "
+                "give a batch that is a multiple of it"
+            )
+        return Strategy(
+            tp=self.tp,
+            pp=self.pp,
+            cp=self.cp,
+            cp_kind=self.cp_kind,
+            dp=self.dp,
+            micro_batch=cfg.batch // self.micro_batches,
+            global_batch=cfg.batch * self.dp,
+            distributed_optimizer=False,
+            overlap_grad_reduce=False,
+        )
+
+
+# Layout name -> layout: the issue's local layouts. PP=2 runs 4 micro-batches per step under
+# 1F1B, so the bubble is (pp - 1) / (m + pp - 1) of it, as in a real pipeline.
+LAYOUTS: dict[str, Layout] = {
+    "1 rank": Layout(),
+    "DP=2 gloo": Layout(dp=2),
+    "TP=2 gloo": Layout(tp=2),
+    "PP=2 gloo": Layout(pp=2, micro_batches=4),
+    "ring CP=2 gloo": Layout(cp=2, cp_kind="ring"),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,24 +142,28 @@ def latent_grid(seq_len: int) -> tuple[int, int, int]:
 
 
 def time_steps(
-    *, groups: ParallelGroups, dp_rank: int, cfg: CheckConfig, text_tokens: int
+    *, groups: ParallelGroups, layout: Layout, dp_rank: int, cfg: CheckConfig, text_tokens: int
 ) -> float:
     """Median seconds of one training step of the real tiny DiT on this rank.
 
     ``groups`` is this rank's ``ParallelGroups`` (``ParallelGroups.single()`` in one process,
-    else created over an initialized gloo world). Each data-parallel rank draws its own batch;
-    the text is ``text_tokens`` tokens in all, two thirds from the short encoder and a third
-    from the long one, packed as the trainer packs them.
+    else created over an initialized gloo world with ``layout.cp_kind``). Each data-parallel
+    rank draws its own batch; the text is ``text_tokens`` tokens in all, two thirds from the
+    short encoder and a third from the long one, packed as the trainer packs them. With
+    ``pp > 1`` the step is the trainer's pipelined one (``build_pipeline``, 1F1B over
+    ``layout.micro_batches`` micro-batches, ``summed_mse``, ``finalize_grads`` on the held
+    chunks); otherwise ``build_dit(..., groups=groups)``, whose hooks shard the sequence over
+    CP and the linears over TP, runs the batch at once. The first ``cfg.warmup`` steps (the
+    pipeline's p2p shape inference, the allocator's first sizes) are not timed.
     """
     import torch
 
     from step_infra.models import build_dit, get_preset
     from step_infra.models.parallel import finalize_grads
+    from step_infra.models.pipeline import build_pipeline, summed_mse
 
     torch.set_num_threads(cfg.threads)
-    distributed = groups.tp_size * groups.dp_size > 1
-    model = build_dit(PRESET, groups=groups, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    distributed = layout.world > 1
     c = get_preset(PRESET)
     f, h, w = latent_grid(cfg.seq_len)
     long_tokens = text_tokens // 3
@@ -105,13 +173,47 @@ def time_steps(
     text_short = torch.randn(cfg.batch, text_tokens - long_tokens, c.text_dim_short, generator=gen)
     text_long = torch.randn(cfg.batch, long_tokens, c.text_dim_long, generator=gen)
     target = torch.randn(x.shape, generator=gen)
+    model: torch.nn.Module
+    if layout.pp > 1:
+        layout.strategy(cfg)  # the batch must split into the micro-batches
+        pipe = build_pipeline(
+            PRESET,
+            groups,
+            n_microbatches=layout.micro_batches,
+            loss_fn=summed_mse,
+            seed=0,
+            schedule="1f1b",
+        )
+        model = pipe.held
+        loss_kwargs = {"global_batch": cfg.batch * layout.dp}
+
+        def forward_backward() -> None:
+            pipe.step(
+                x,
+                t,
+                text_short,
+                None,
+                text_long if long_tokens else None,
+                None,
+                target=target,
+                loss_kwargs=loss_kwargs,
+                return_outputs=False,
+            )
+
+    else:
+        model = build_dit(PRESET, groups=groups, seed=0)
+
+        def forward_backward() -> None:
+            pred = model(x, t, text_short, None, text_long if long_tokens else None, None)
+            torch.nn.functional.mse_loss(pred, target).backward()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for i in range(cfg.warmup + cfg.steps):
         if distributed:
             torch.distributed.barrier()
         t0 = time.perf_counter()
-        pred = model(x, t, text_short, None, text_long if long_tokens else None, None)
-        torch.nn.functional.mse_loss(pred, target).backward()
+        forward_backward()
         finalize_grads(model, groups)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -124,37 +226,51 @@ def _worker(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from step_infra.models.parallel import ParallelGroups
-    from step_infra.topology import ProcessGrid
 
-    rank, world, port, tp, dp = (int(v) for v in argv[:5])
-    cfg = CheckConfig(**json.loads(argv[5]))
-    text_tokens = int(argv[6])
+    rank, world, port = (int(v) for v in argv[:3])
+    layout = Layout(**json.loads(argv[3]))
+    cfg = CheckConfig(**json.loads(argv[4]))
+    text_tokens = int(argv[5])
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        grid = ProcessGrid(tp=tp, dp=dp)
-        groups = ParallelGroups.create(grid)
+        grid = layout.grid()
+        groups = ParallelGroups.create(grid, cp_kind=layout.cp_kind)
         sec = time_steps(
-            groups=groups, dp_rank=grid.coords(rank)["dp"], cfg=cfg, text_tokens=text_tokens
+            groups=groups,
+            layout=layout,
+            dp_rank=grid.coords(rank)["dp"],
+            cfg=cfg,
+            text_tokens=text_tokens,
         )
-        if rank == 0:
-            sys.stdout.write(json.dumps({"step_s": sec}) + "\n")
+        sys.stdout.write(json.dumps({"step_s": sec}) + "\n")
     finally:
         dist.destroy_process_group()
 
 
-def measure_layout(tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24) -> float:
-    """Median step seconds of the tiny DiT with ``tp x dp`` ranks (in-process when 1)."""
-    if tp * dp == 1:
+def measure_layout(layout: Layout, cfg: CheckConfig, *, text_tokens: int = 24) -> float:
+    """Median step seconds of the tiny DiT in ``layout`` (in-process when it is one rank).
+    With several ranks, the slowest rank's median: a step ends when its last rank is done
+    (under 1F1B the first stage, which runs the last backward)."""
+    if layout.world == 1:
         from step_infra.models.parallel import ParallelGroups
 
         return time_steps(
-            groups=ParallelGroups.single(), dp_rank=0, cfg=cfg, text_tokens=text_tokens
+            groups=ParallelGroups.single(),
+            layout=layout,
+            dp_rank=0,
+            cfg=cfg,
+            text_tokens=text_tokens,
         )
-    world, port = tp * dp, free_port()
+    world, port = layout.world, free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
-    args = [str(port), str(tp), str(dp), json.dumps(dataclasses.asdict(cfg)), str(text_tokens)]
+    args = [
+        str(port),
+        json.dumps(dataclasses.asdict(layout)),
+        json.dumps(dataclasses.asdict(cfg)),
+        str(text_tokens),
+    ]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", _MODULE, "--worker", str(r), str(world), *args],
@@ -166,26 +282,25 @@ def measure_layout(tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24)
         for r in range(world)
     ]
     outs = collect_rank_outputs(procs, timeout_s=cfg.timeout_s, what="local check rank")
-    return float(json.loads(outs[0].strip().splitlines()[-1])["step_s"])
+    return max(float(json.loads(o.strip().splitlines()[-1])["step_s"]) for o in outs)
 
 
 def predict_layout(
-    profile_path: str | Path, tp: int, dp: int, cfg: CheckConfig, *, text_tokens: int = 24
+    profile_path: str | Path, layout: Layout, cfg: CheckConfig, *, text_tokens: int = 24
 ) -> dict[str, Any]:
-    """``predict_step`` of the same step on the measured profile: ``tp x dp`` ranks, one node,
-    gradients reduced after the backward (as ``finalize_grads`` does)."""
+    """``predict_step`` of the same step on the measured profile: ``layout.strategy(cfg)`` on
+    one node (gradients reduced after the backward, as ``finalize_grads`` does)."""
     from step_infra.emulator import predict_step
 
+    strategy = layout.strategy(cfg)
     est = predict_step(
         PRESET,
         profile_path,
-        tp=tp,
-        dp=dp,
-        micro_batch=cfg.batch,
-        global_batch=cfg.batch * dp,
+        micro_batch=strategy.micro_batch,
+        global_batch=strategy.global_batch,
         seq_len=cfg.seq_len,
         text_tokens=text_tokens,
-        overlap_grad_reduce=False,
+        strategy=strategy,
     )
     return {"step_time_s": est.step_time_s, "breakdown": est.breakdown}
 
@@ -229,7 +344,7 @@ def run_local_check(
     profiles: dict[int, str | Path] | Callable[[int], str | Path],
     cfg: CheckConfig | None = None,
     *,
-    layouts: dict[str, tuple[int, int]] | None = None,
+    layouts: dict[str, Layout] | None = None,
     max_other_load: float = 1.0,
     attempts: int = 1,
 ) -> list[dict[str, Any]]:
@@ -257,8 +372,8 @@ def run_local_check(
     cfg = cfg or CheckConfig()
     text_tokens = get_model(PRESET).text_tokens
     rows = []
-    for name, (tp, dp) in (layouts or LAYOUTS).items():
-        world = tp * dp
+    for name, layout in (layouts or LAYOUTS).items():
+        world = layout.world
         if not callable(profiles) and world not in profiles:
             raise ValueError(f"no hardware profile for {world} rank(s); have {sorted(profiles)}")
         tries: list[dict[str, Any]] = []
@@ -266,9 +381,9 @@ def run_local_check(
             with _OtherLoad() as probe_load:
                 profile = profiles(world) if callable(profiles) else profiles[world]
             with _OtherLoad() as step_load:
-                measured = measure_layout(tp, dp, cfg, text_tokens=text_tokens)
+                measured = measure_layout(layout, cfg, text_tokens=text_tokens)
             others = max(probe_load.share, step_load.share)
-            pred = predict_layout(profile, tp, dp, cfg, text_tokens=text_tokens)
+            pred = predict_layout(profile, layout, cfg, text_tokens=text_tokens)
             used = json.loads(Path(profile).read_text())
             tries.append(
                 {
@@ -286,8 +401,7 @@ def run_local_check(
         rows.append(
             {
                 "layout": name,
-                "tp": tp,
-                "dp": dp,
+                **dataclasses.asdict(layout),
                 **last,
                 "contended": last["other_load"] > max_other_load,
                 "attempts": [

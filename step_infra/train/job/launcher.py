@@ -90,9 +90,9 @@ class TrainResult:
     wall_s: float = 0.0
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -159,7 +159,8 @@ class TrainingJob:
         self.external_registry = registry
         # join a running registry (its token from STEP_TOKEN), or start one with a fresh token
         self.token = os.environ.get(TOKEN_ENV, "") if registry else secrets.token_urlsafe(16)
-        self.registry = registry or f"127.0.0.1:{_free_port()}"
+        host = cfg.servers.host  # the job's services bind and advertise this address
+        self.registry = registry or f"{host}:{_free_port(host)}"
         self.children = Supervisor(
             self.run_dir / "logs", {TOKEN_ENV: self.token, "OMP_NUM_THREADS": "1"}
         )
@@ -241,7 +242,7 @@ class TrainingJob:
         if self.external_registry is None:
             self.children.start(
                 "registry",
-                [sys.executable, "-m", "step_infra.rpc.registry",
+                [sys.executable, "-m", "step_infra.rpc.registry", "--host", s.host,
                  "--port", self.registry.rsplit(":", 1)[1], "--lease-s", str(s.lease_s * 4),
                  "--run-s", str(self.job_timeout_s + 600)],  # stops by itself if we are killed
             )  # fmt: skip
