@@ -86,3 +86,18 @@ def test_the_planners_30b_plan_scaled_to_8_ranks_trains(tmp_path: Path) -> None:
     assert result.ok, (result.reason, trainer_layout(cfg))
     m = job_metrics(tmp_path / "scaled")
     assert m["audit"]["exactly_once"], m["audit"]
+
+
+def test_job_binds_and_advertises_the_given_address(tmp_path: Path) -> None:
+    """``--host``: the registry, the encoder servers (what they advertise) and the
+    rendezvous use the given address, here a second loopback address (127.0.0.2)."""
+    base = micro_t2v().replace(steps=4, faults=Faults())
+    cfg = base.replace(
+        elastic=dataclasses.replace(base.elastic, host="127.0.0.2"),
+        servers=dataclasses.replace(base.servers, host="127.0.0.2"),
+    )
+    result = run_training_job(cfg, tmp_path / "host", fresh=True, predict=False, sample=False)
+    assert result.ok, result.reason
+    logs = tmp_path / "host" / "logs"
+    assert "registry listening on 127.0.0.2:" in (logs / "registry.log").read_text()
+    assert job_metrics(tmp_path / "host")["audit"]["exactly_once"]
