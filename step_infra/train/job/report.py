@@ -20,7 +20,7 @@ from typing import Any
 
 from step_infra.telemetry.dashboard import render_report
 from step_infra.telemetry.events import read_events
-from step_infra.train.job.config import JobConfig
+from step_infra.train.job.config import JobConfig, trainer_layout
 
 FAULT_EVENTS = (
     "fault_injected", "detection", "would_evict", "eviction_deferred", "straggler_recovered",
@@ -133,7 +133,7 @@ def servers(run_dir: Path) -> list[dict[str, Any]]:
 def job_metrics(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     cfg = JobConfig.load(run_dir)
-    out: dict[str, Any] = {"job": cfg.name, "layout": f"tp{cfg.strategy.tp} x dp{cfg.grid.dp}"}
+    out: dict[str, Any] = {"job": cfg.name, "layout": trainer_layout(cfg)}
     out.update(step_metrics(run_dir, cfg))
     out["audit"] = audit_ledger(run_dir, cfg)
     pred_path = run_dir / "prediction.json"
