@@ -167,13 +167,17 @@ def saved_activation_bytes(
     saving (selective recompute) counts as zero. ``exclude``: tensors not to count, e.g. the
     parameters. The output, and with it the graph, is dropped after measuring.
     """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    # Keyed by the storage object (``_cdata``), not its address: storage freed by selective
+    # recompute during the forward can be handed out again at the same address, and keying
+    # by address would then count a later tensor as that freed one (kept alive here, so no
+    # key is reused).
+    skip = {t.untyped_storage()._cdata for t in exclude}
     storages: dict[int, torch.UntypedStorage] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages.setdefault(s.data_ptr(), s)
+        if s._cdata not in skip:
+            storages.setdefault(s._cdata, s)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
