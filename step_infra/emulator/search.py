@@ -63,7 +63,9 @@ def candidate_grid(
     size = c["tp"].size
     c["gb"] = np.full(size, global_batch)
     c["overlap_grad"] = np.ones(size, dtype=int)
-    c["overlap_param"] = np.ones(size, dtype=int)
+    # step-infra's trainer broadcasts ZeRO's updated parameters right after the step, not
+    # under the next forward (train/zero.py): the search prices what it can run.
+    c["overlap_param"] = np.zeros(size, dtype=int)
     c["overlap_tp"] = np.zeros(size, dtype=int)
     c["fp8"] = np.full(size, int(precision == "fp8"))
     return c

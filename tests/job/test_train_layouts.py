@@ -75,7 +75,6 @@ def test_the_planners_30b_plan_scaled_to_8_ranks_trains(tmp_path: Path) -> None:
         s,
         **{k: min(getattr(s, k), 2) for k in ("tp", "pp", "vpp", "cp", "dp")},
         global_batch=16,
-        overlap_param_gather=False,  # refused by the trainer (broadcast after the step)
     )
     assert scaled.tp * scaled.pp * scaled.cp * (scaled.dp or 1) == 8, scaled
     plan = Plan(model=ModelRef(preset="tiny-dit"), strategy=scaled)
