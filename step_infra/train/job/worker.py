@@ -1,7 +1,7 @@
 """One DiT trainer rank of a streaming job, started by ``torchrun`` under the elastic controller.
 
 Reads latents and text embeddings only from the ``latents`` pipe (spray across data-parallel
-replicas; both tensor-parallel ranks of a replica receive the same items), trains with flow
+replicas; every tp x cp x pp rank of a replica receives the same items), trains with flow
 matching, records telemetry, and checkpoints through its elastic session. Everything a sample
 contributes (its noise, its time, whether its caption is dropped) is drawn from a generator
 seeded by the sample id, and every step trains exactly the ids
@@ -13,6 +13,9 @@ get more or fewer than ``global_batch / dp``), and one flat all-reduce *sums* ov
 (:func:`~step_infra.models.parallel.finalize_grads` with ``dp_mean=False``): the exact mean
 over the global batch, whatever the split. The loss is :func:`flow_matching_loss` and the
 update :func:`~step_infra.train.loop.apply_update`, the same functions the recipes train with.
+The plan's layout decides the rest: pipeline stages (:mod:`step_infra.models.pipeline`, the
+last micro-batch padded with zero-weight copies), recompute, ZeRO-1 and the bucketed
+:class:`~step_infra.train.grad_sync.GradReducer` in place of the one all-reduce.
 
 The rank's life is three functions: :func:`setup` (process groups, model, session, stream),
 :func:`train_step` and :func:`teardown`.
