@@ -115,3 +115,20 @@ def test_ring_cp4_saves_a_quarter_of_one_rank_for_backward() -> None:
     assert float(row["allgather_ratio"]) > 1.5, row  # type: ignore[arg-type]
     assert float(row["max_rel_err_output"]) < TOL, row  # type: ignore[arg-type]
     assert float(row["max_rel_err_grad"]) < TOL, row  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # two torchrun launches (cp 2 and 4), about 12 s
+def test_ring_memory_benchmark_prints_and_writes_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "ring_memory.py"
+    out = tmp_path / "ring.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--seq", "64", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["cp"] for r in rows] == [2, 4]
+    assert all(float(r["ratio"]) <= 1.5 < float(r["allgather_ratio"]) for r in rows[1:]), rows
